@@ -1,0 +1,137 @@
+"""Experiment files and command-line overrides.
+
+An experiment file is a Python file with `get_config(arg=None) -> ConfigDict` (big_vision
+style). It is named on the command line as `path/to/file.py` or `path/to/file.py:arg`;
+overrides are `--config.section.key=value`. The returned config is locked: an unknown
+key or a value of the wrong type is a `ConfigError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A bad experiment file, override or config value. The message names the fix."""
+
+
+def load_experiment(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path.py` or `path.py:arg` and returns its locked config."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"experiment file {path!r} does not exist; pass e.g. "
+                      "--config experiments/entropy_tiny.py")
+  module_name = "bltjax_experiment_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config(arg=None) function")
+  config = module.get_config(arg or None)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
+  config.lock()
+  return config
+
+
+def parse_value(text: str, current: Any) -> Any:
+  """Parses an override string into the type of the value it replaces."""
+  if isinstance(current, bool):
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise ValueError(f"expected true or false, got {text!r}")
+  if isinstance(current, int):
+    return int(text)
+  if isinstance(current, float):
+    return float(text)
+  if isinstance(current, str):
+    return text
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _lookup(config: ml_collections.ConfigDict, dotted: str):
+  parent = config
+  keys = dotted.split(".")
+  for i, key in enumerate(keys[:-1]):
+    if key not in parent or not isinstance(parent[key], ml_collections.ConfigDict):
+      raise ConfigError(_unknown_key_message(".".join(keys[:i + 1]), parent))
+    parent = parent[key]
+  if keys[-1] not in parent:
+    raise ConfigError(_unknown_key_message(dotted, parent))
+  return parent, keys[-1]
+
+
+def _unknown_key_message(dotted: str, parent: ml_collections.ConfigDict) -> str:
+  known = ", ".join(sorted(parent.keys()))
+  return f"config key {dotted!r} does not exist; known keys here: {known}"
+
+
+def set_value(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  """Sets `config.<dotted> = value`, type-checked; `value` may be a string to parse."""
+  parent, key = _lookup(config, dotted)
+  current = parent[key]
+  if isinstance(current, ml_collections.ConfigDict):
+    raise ConfigError(f"config key {dotted!r} is a section; set one of its keys instead")
+  if isinstance(value, str) and not isinstance(current, str):
+    try:
+      value = parse_value(value, current)
+    except ValueError as e:
+      raise ConfigError(f"config key {dotted!r} holds {type(current).__name__}: {e}") from None
+  if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
+    value = type(current)(value)
+  try:
+    with parent.unlocked():
+      parent[key] = value
+  except TypeError as e:
+    raise ConfigError(
+        f"config key {dotted!r} holds {type(current).__name__}, cannot set {value!r} "
+        f"({type(value).__name__}): {e}") from None
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]
+                    ) -> ml_collections.ConfigDict:
+  """Applies `--config.a.b=value` (or `a.b=value`) strings in order."""
+  for item in overrides:
+    text = item[2:] if item.startswith("--") else item
+    if text.startswith("config."):
+      text = text[len("config."):]
+    dotted, eq, value = text.partition("=")
+    if not eq:
+      raise ConfigError(f"override {item!r} has no '='; write --config.train.steps=100")
+    set_value(config, dotted, value)
+  return config
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Experiment file + overrides -> locked config."""
+  return apply_overrides(load_experiment(spec), overrides)
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(json.loads(text))
+  config.lock()
+  return config
+
+
+def check_fields(section: ml_collections.ConfigDict | dict, name: str, allowed: dict) -> None:
+  """Checks enumerated string fields: `allowed` maps key -> tuple of allowed values."""
+  for key, values in allowed.items():
+    value = section[key]
+    if value not in values:
+      raise ConfigError(f"config.{name}.{key}={value!r} is not one of {list(values)}")
