@@ -1,0 +1,244 @@
+"""Transformer building blocks: Dense, RMSNorm, RoPE, attention, FFN, block, stack.
+
+Every parameter carries logical axis names (`embed`, `heads`, `kv_heads`, `mlp`,
+`vocab`); `bltjax/sharding.py` maps them to mesh axes. Compatibility with the released
+BLT weights (`compat="blt"`): interleaved RoPE, bias-free linears, RMSNorm eps 1e-5,
+FFN width `256 * ceil(int(8d/3) / 256)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bltjax.model import attention
+
+ACTIVATIONS = ("swiglu", "relu")
+FFN_IMPLS = ("xla", "pallas")
+
+
+def blt_ffn_dim(d_model: int, multiple_of: int = 256) -> int:
+  """The reference FFN width rule: `256 * ceil(int(8d/3) / 256)`."""
+  return multiple_of * math.ceil(int(8 * d_model / 3) / multiple_of)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Shape of one transformer stack (entropy model, local encoder/decoder, global)."""
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int = 0          # 0: same as n_heads (no GQA)
+  ffn_dim: int = 0             # 0: the BLT width rule
+  window: int = 0              # sliding attention window; 0: full causal
+  rope_theta: float = 10000.0
+  activation: str = "swiglu"   # swiglu | relu
+  l1_coef: float = 0.0         # L1 penalty on FFN hidden activations (relu sparsity)
+  ffn_impl: str = "xla"        # xla | pallas (activation-sparse kernel, relu only)
+  norm_eps: float = 1e-5
+  dtype: str = "float32"       # compute dtype; params stay float32
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.d_model % self.n_heads:
+      raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+    if self.kv_heads and self.n_heads % self.kv_heads:
+      raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"ffn activation {self.activation!r} is not one of {ACTIVATIONS}")
+    if self.ffn_impl not in FFN_IMPLS:
+      raise ValueError(f"ffn impl {self.ffn_impl!r} is not one of {FFN_IMPLS}")
+    if self.ffn_impl == "pallas" and self.activation != "relu":
+      raise ValueError("ffn impl 'pallas' (activation-sparse kernel) needs activation 'relu'")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def hidden_dim(self) -> int:
+    return self.ffn_dim or blt_ffn_dim(self.d_model)
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+def truncated_normal(std: float):
+  return nn.initializers.truncated_normal(stddev=std, lower=-3.0, upper=3.0)
+
+
+def _kernel_param(module: nn.Module, shape, axes, init_std):
+  std = init_std if init_std is not None else shape[0] ** -0.5
+  return module.param("kernel", nn.with_logical_partitioning(truncated_normal(std), axes),
+                      shape, jnp.float32)
+
+
+class Kernel(nn.Module):
+  """A float32 weight matrix `[in, out]` with logical axis names (truncated normal init)."""
+  shape: tuple[int, int]
+  axes: tuple[str | None, str | None]
+  init_std: float | None = None  # default: in ** -0.5
+
+  @nn.compact
+  def __call__(self):
+    return _kernel_param(self, self.shape, self.axes, self.init_std)
+
+
+class Dense(nn.Module):
+  """Bias-free linear layer `[..., in] -> [..., features]`."""
+  features: int
+  kernel_axes: tuple[str | None, str | None]
+  dtype: Any = jnp.float32
+  init_std: float | None = None  # default: in_features ** -0.5
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = _kernel_param(self, (x.shape[-1], self.features), self.kernel_axes, self.init_std)
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Embed(nn.Module):
+  """Token embedding table `[num_embeddings, features]`."""
+  num_embeddings: int
+  features: int
+  dtype: Any = jnp.float32
+  table_axes: tuple[str | None, str | None] = ("vocab", "embed")
+
+  @nn.compact
+  def __call__(self, ids):
+    table = self.param(
+        "embedding", nn.with_logical_partitioning(
+            truncated_normal(self.features ** -0.5), self.table_axes),
+        (self.num_embeddings, self.features), jnp.float32)
+    return jnp.take(table, ids, axis=0).astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+  """`x * rsqrt(mean(x^2) + eps) * scale`, computed in float32."""
+  eps: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (normed * scale).astype(self.dtype)
+
+
+def apply_rope(x, positions, theta: float):
+  """Interleaved rotary embedding (pairs (2i, 2i+1), as the BLT reference).
+
+  x `[batch, len, heads, head_dim]`, positions `[batch, len]`.
+  """
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  even, odd = x32[..., 0::2], x32[..., 1::2]
+  rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+  return rotated.reshape(x.shape).astype(x.dtype)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head (grouped-query) causal self-attention with RoPE."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids):
+    cfg = self.config
+    b, t, _ = x.shape
+    dtype = cfg.compute_dtype
+    q = Dense(cfg.n_heads * cfg.head_dim, ("embed", "heads"), dtype, name="q")(x)
+    k = Dense(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), dtype, name="k")(x)
+    v = Dense(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), dtype, name="v")(x)
+    q = apply_rope(q.reshape(b, t, cfg.n_heads, cfg.head_dim), positions, cfg.rope_theta)
+    k = apply_rope(k.reshape(b, t, cfg.kv_heads, cfg.head_dim), positions, cfg.rope_theta)
+    v = v.reshape(b, t, cfg.kv_heads, cfg.head_dim)
+    out = attention.causal_attention(q, k, v, positions, segment_ids, window=cfg.window)
+    out = out.reshape(b, t, cfg.n_heads * cfg.head_dim)
+    return Dense(cfg.d_model, ("heads", "embed"), dtype, name="o")(out)
+
+
+class FeedForward(nn.Module):
+  """SwiGLU `down(silu(gate(x)) * up(x))` or ReLU `down(relu(up(x)))`.
+
+  For ReLU it records the hidden activations' mean |h| (for the L1 penalty) and the
+  fraction of exact zeros in the `intermediates` collection.
+  """
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    dtype = cfg.compute_dtype
+    if cfg.activation == "swiglu":
+      gate = Dense(cfg.hidden_dim, ("embed", "mlp"), dtype, name="gate")(x)
+      up = Dense(cfg.hidden_dim, ("embed", "mlp"), dtype, name="up")(x)
+      return Dense(cfg.d_model, ("mlp", "embed"), dtype, name="down")(nn.silu(gate) * up)
+    w_up = Kernel((x.shape[-1], cfg.hidden_dim), ("embed", "mlp"), name="up")().astype(dtype)
+    w_down = Kernel((cfg.hidden_dim, cfg.d_model), ("mlp", "embed"), name="down")().astype(dtype)
+    x = x.astype(dtype)
+    if cfg.ffn_impl == "pallas":
+      # Imported here: the model needs the kernel package only when it is selected.
+      from pallas_kernels import sparse_ffn  # pylint: disable=g-import-not-at-top
+      flat = x.reshape(-1, x.shape[-1])
+      out = sparse_ffn.sparse_relu_ffn(flat, w_up, w_down)
+      return out.reshape(*x.shape[:-1], cfg.d_model)
+    hidden = nn.relu(jnp.dot(x, w_up))
+    self._record_sparsity(hidden)
+    return jnp.dot(hidden, w_down)
+
+  def _record_sparsity(self, hidden):
+    hidden32 = hidden.astype(jnp.float32)
+    self.sow("intermediates", "ffn_abs_mean", jnp.mean(jnp.abs(hidden32)))
+    self.sow("intermediates", "ffn_zero_frac", jnp.mean((hidden32 == 0).astype(jnp.float32)))
+
+
+class TransformerBlock(nn.Module):
+  """Pre-norm block: `h = x + attn(norm(x)); out = h + ffn(norm(h))`."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids):
+    cfg = self.config
+    h = x + SelfAttention(cfg, name="attn")(
+        RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x), positions, segment_ids)
+    out = h + FeedForward(cfg, name="ffn")(RMSNorm(cfg.norm_eps, cfg.compute_dtype,
+                                                   name="ffn_norm")(h))
+    return nn.with_logical_constraint(out, ("batch", "length", "act_embed"))
+
+
+class Transformer(nn.Module):
+  """A stack of `n_layers` blocks (no final norm: callers add one where needed)."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids):
+    block = nn.remat(TransformerBlock) if self.config.remat else TransformerBlock
+    for i in range(self.config.n_layers):
+      x = block(self.config, name=f"layer_{i}")(x, positions, segment_ids)
+    return x
+
+
+def ffn_penalty(intermediates, l1_coef: float):
+  """L1 penalty and mean zero fraction from a module's `intermediates` collection."""
+  leaves = jax.tree_util.tree_leaves_with_path(intermediates)
+  abs_means = [v for path, v in leaves if "ffn_abs_mean" in jax.tree_util.keystr(path)]
+  zero_fracs = [v for path, v in leaves if "ffn_zero_frac" in jax.tree_util.keystr(path)]
+  penalty = l1_coef * sum(abs_means) if abs_means else jnp.float32(0.0)
+  sparsity = jnp.mean(jnp.stack(zero_fracs)) if zero_fracs else None
+  return penalty, sparsity
