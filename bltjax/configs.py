@@ -135,3 +135,81 @@ def check_fields(section: ml_collections.ConfigDict | dict, name: str, allowed: 
     value = section[key]
     if value not in values:
       raise ConfigError(f"config.{name}.{key}={value!r} is not one of {list(values)}")
+
+
+# ---------------------------------------------------------------------------
+# The default config every experiment file starts from.
+# ---------------------------------------------------------------------------
+
+
+def transformer_section(d_model: int, n_layers: int, n_heads: int, *, n_kv_heads: int = 0,
+                        ffn_dim: int = 0, window: int = 0,
+                        rope_theta: float = 10000.0) -> ml_collections.ConfigDict:
+  """Shape of one transformer stack; see `bltjax.model.layers.TransformerConfig`."""
+  return ml_collections.ConfigDict(dict(
+      d_model=d_model,          # width
+      n_layers=n_layers,
+      n_heads=n_heads,
+      n_kv_heads=n_kv_heads,    # 0: as many as n_heads (no GQA)
+      ffn_dim=ffn_dim,          # 0: BLT rule 256 * ceil(int(8d/3) / 256)
+      window=window,            # sliding attention window in positions; 0: full causal
+      rope_theta=float(rope_theta),
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults for every section; experiment files change what they need."""
+  from bltjax.data import default_data_config  # pylint: disable=g-import-not-at-top
+
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.kind = "entropy"      # entropy: train the patcher's entropy model
+  config.model.dtype = "float32"     # compute dtype: float32 | bfloat16 (params stay float32)
+  config.model.remat = False         # recompute activations in the backward pass
+  config.model.ffn = ml_collections.ConfigDict(dict(
+      activation="swiglu",           # swiglu | relu
+      l1_coef=0.0,                   # L1 on relu activations (sparsity)
+      impl="xla",                    # xla | pallas (activation-sparse kernel; relu only)
+  ))
+  config.model.entropy = transformer_section(128, 2, 4, window=512)
+
+  config.patcher = ml_collections.ConfigDict(dict(
+      mode="entropy",                # entropy | static | space
+      threshold=-1.0,                # nats; < 0: the calibrated value of the entropy workdir
+      rule="global",                 # global: H_t > threshold; monotonic: H_t - H_{t-1} > threshold
+      max_patch_len=8,               # split longer patches; 0: no limit
+      patch_size=4,                  # static mode
+      max_patches=0,                 # patches per row P; 0: seq_len (never drops bytes)
+      target_patch_len=4.5,          # `bltjax calibrate` aims at this mean patch length
+      entropy_workdir="",            # workdir of a trained entropy model
+  ))
+
+  config.data = default_data_config()
+
+  config.train = ml_collections.ConfigDict(dict(
+      steps=1000,
+      batch_size=16,                 # global batch (rows)
+      seq_len=512,                   # bytes per row
+      log_every=10,
+      eval_every=200,                # 0: only at the end
+      eval_batches=8,                # validation batches per eval; 0: the whole split
+      save_every=200,
+      keep=3,                        # checkpoints kept
+      async_checkpoint=True,
+  ))
+
+  config.optim = ml_collections.ConfigDict(dict(
+      lr=3e-3,
+      warmup_steps=100,
+      min_lr_ratio=0.1,              # cosine decays to lr * min_lr_ratio
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      clip_norm=1.0,                 # global gradient norm clip; 0: none
+  ))
+
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return config

@@ -47,6 +47,8 @@ class TransformerConfig:
   def __post_init__(self):
     if self.d_model % self.n_heads:
       raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} (d_model / n_heads) must be even for RoPE")
     if self.kv_heads and self.n_heads % self.kv_heads:
       raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
     if self.activation not in ACTIVATIONS:

@@ -1,0 +1,106 @@
+"""Orbax checkpoints of the train state and the data iterator (the only orbax user).
+
+Layout: `<workdir>/checkpoints/<step>/{state,data}`. Saves are asynchronous; the last
+`keep` checkpoints are kept. Restores go into abstract arrays built for the *current*
+mesh, so a run can resume on another device or process count. The data iterator's
+position equals the step (the batch of step s is a pure function of the seed and s),
+so when the grain state of this process layout is missing (another process count),
+the iterator is positioned by the step instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Save / restore `{state, data}` under `directory` (a thin orbax wrapper)."""
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else keep, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
+    # The PyTree handler reads what StandardSave writes and can restore a subtree.
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "data"), options=options,
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator) -> None:
+    """Starts an (async) save of step `step`. Call `wait()` before reading it back."""
+    args = ocp.args.Composite(state=ocp.args.PyTreeSave(state),
+                              data=grain.checkpoint.CheckpointSave(data_iterator))
+    self._manager.save(step, args=args, force=True)
+
+  def restore_state(self, step: int, abstract_state: Any) -> Any:
+    """Restores the train state into `abstract_state` (ShapeDtypeStructs with shardings)."""
+    return self._restore_tree(step, abstract_state, partial=False)
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Restores only the params of a saved train state (no optimizer state)."""
+    return self._restore_tree(step, {"params": abstract_params}, partial=True)["params"]
+
+  def _restore_tree(self, step: int, abstract: Any, *, partial: bool) -> Any:
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=restore_args, partial_restore=partial))
+    return self._manager.restore(step, args=args)["state"]
+
+  def has_data_state(self, step: int) -> bool:
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return os.path.exists(os.path.join(self.directory, str(step), "data", name))
+
+  def restore_data(self, step: int, data_iterator: grain.DatasetIterator) -> None:
+    """Restores the iterator's position in place (same process count only)."""
+    args = ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator))
+    self._manager.restore(step, args=args)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def read_config(workdir: str):
+  """The config a workdir was trained with (`<workdir>/config.json`)."""
+  from bltjax import configs  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} does not exist: {workdir!r} is not a bltjax workdir; pass the --workdir of "
+        "a `bltjax train` run")
+  with open(path, encoding="utf-8") as f:
+    return configs.from_json(f.read())
+
+
+def load_params(workdir: str, abstract_params: Any, *, step: int | None = None):
+  """Params of the latest (or given) checkpoint in `workdir` -> (params, step).
+
+  `abstract_params`: ShapeDtypeStructs (with shardings) of the expected params.
+  """
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"{workdir} has no checkpoints/ yet; train it first")
+  ckpt = Checkpointer(ckpt_dir, async_save=False, read_only=True)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{ckpt_dir} holds no finished checkpoint; train it first")
+    return ckpt.restore_params(step, abstract_params), step
+  finally:
+    ckpt.close()

@@ -1,0 +1,172 @@
+"""Patching with a trained entropy model: load it from its workdir, cut texts into
+patches, and calibrate the threshold for a target mean patch length.
+
+The calibrated threshold is stored in `<entropy_workdir>/patcher.json`; a config with
+`patcher.threshold < 0` uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bltjax import bytes as blt_bytes
+from bltjax import checkpoint
+from bltjax import configs
+from bltjax import model as model_lib
+from bltjax.model import entropy_model
+from bltjax.model import patcher as patcher_lib
+
+CALIBRATION_FILE = "patcher.json"
+
+
+def read_calibration(workdir: str) -> dict | None:
+  path = os.path.join(workdir, CALIBRATION_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def resolve_threshold(patcher_section: Mapping, entropy_workdir: str) -> float:
+  """`patcher.threshold`, or the calibrated one when it is negative."""
+  if patcher_section["threshold"] >= 0:
+    return float(patcher_section["threshold"])
+  calibration = read_calibration(entropy_workdir)
+  if calibration is None:
+    raise configs.ConfigError(
+        f"config.patcher.threshold < 0 asks for the calibrated threshold but "
+        f"{os.path.join(entropy_workdir, CALIBRATION_FILE)} does not exist; run `bltjax "
+        f"calibrate --workdir {entropy_workdir}` or set --config.patcher.threshold")
+  return float(calibration["threshold"])
+
+
+@dataclasses.dataclass(frozen=True)
+class EntropyModelRef:
+  """A trained entropy model: module, params and where they came from."""
+  module: entropy_model.EntropyModel
+  params: Any
+  workdir: str
+  step: int
+  config: Any  # the workdir's ConfigDict
+
+  @classmethod
+  def load(cls, workdir: str, sharding: jax.sharding.Sharding | None = None) -> "EntropyModelRef":
+    """Loads the latest checkpoint of an entropy-model workdir (float32, for patching)."""
+    config = checkpoint.read_config(workdir)
+    if config.model.kind != "entropy":
+      raise configs.ConfigError(
+          f"{workdir} holds a {config.model.kind!r} model, not an entropy model; pass the "
+          "workdir of an `experiments/entropy_*.py` run")
+    model_config = dataclasses.replace(
+        model_lib.transformer_config(config.model.entropy, config.model), dtype="float32",
+        remat=False)
+    module = entropy_model.EntropyModel(model_config)
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    boxed = jax.eval_shape(module.init, jax.random.PRNGKey(0), tokens, tokens)["params"]
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            nn.meta.unbox(boxed))
+    params, step = checkpoint.load_params(workdir, abstract)
+    return cls(module, params, workdir, step, config)
+
+  def entropies(self, params, tokens, segment_ids):
+    """Pure: next-byte entropies (nats, float32) `[batch, len]`, per row."""
+    logits = self.module.apply({"params": params}, tokens, segment_ids)
+    return patcher_lib.entropies_from_logits(logits)
+
+
+def patcher_from_workdir(entropy_workdir: str, patcher_section: Mapping | None = None
+                         ) -> tuple[EntropyModelRef, patcher_lib.PatcherConfig]:
+  """The entropy model of a workdir and its patcher config (calibrated threshold)."""
+  ref = EntropyModelRef.load(entropy_workdir)
+  section = patcher_section if patcher_section is not None else ref.config.patcher
+  threshold = resolve_threshold(section, entropy_workdir) if section["mode"] == "entropy" else 0.0
+  return ref, model_lib.patcher_config(section, threshold=threshold)
+
+
+def patch_texts(texts: Sequence[str | bytes], patcher_config: patcher_lib.PatcherConfig,
+                ref: EntropyModelRef | None = None) -> list[list[bytes]]:
+  """Cuts each text (BOS + bytes) into patches; returns the bytes of each patch.
+
+  The BOS patch is left out, so the patches of a text join back into the text.
+  """
+  ids, lengths = blt_bytes.encode_batch(texts, add_bos=True, add_eos=False)
+  segment_ids = (np.arange(ids.shape[1])[None] < lengths[:, None]).astype(np.int32)
+  entropies = None
+  if patcher_config.mode == "entropy":
+    if ref is None:
+      raise ValueError("entropy patching needs an entropy model (pass --workdir)")
+    entropies = jax.jit(ref.entropies)(ref.params, ids, segment_ids)
+  patches = patcher_lib.patch(
+      dataclasses.replace(patcher_config, max_patches=0), jnp.asarray(ids),
+      jnp.asarray(segment_ids), entropies)
+  starts = np.asarray(patches.starts)
+  out = []
+  for row, n in enumerate(lengths):
+    cut = [int(t) for t in np.flatnonzero(starts[row, :n])] + [int(n)]
+    pieces = [blt_bytes.decode_bytes(ids[row, a:b]) for a, b in zip(cut[:-1], cut[1:])]
+    out.append(pieces[1:])  # drop the BOS patch
+  return out
+
+
+def calibrate(ref: EntropyModelRef, batches: Iterable[Mapping[str, np.ndarray]],
+              patcher_config: patcher_lib.PatcherConfig, target_patch_len: float, *,
+              iterations: int = 50) -> tuple[float, float]:
+  """Bisection on the threshold until the mean patch length over `batches` (valid bytes
+  only) meets `target_patch_len`. Returns (threshold, mean patch length)."""
+  if patcher_config.mode != "entropy":
+    raise ValueError(f"only entropy patching has a threshold to calibrate, not "
+                     f"{patcher_config.mode!r}")
+  entropy_fn = jax.jit(ref.entropies)
+  rows = []
+  for batch in batches:
+    ent = entropy_fn(ref.params, batch["inputs"], batch["segment_ids"])
+    rows.append((jnp.asarray(batch["inputs"]), jnp.asarray(batch["segment_ids"]), ent))
+  if not rows:
+    raise ValueError("calibration needs at least one batch of data")
+
+  @jax.jit
+  def counts(threshold):
+    n_bytes = n_patches = 0
+    for tokens, segment_ids, ent in rows:
+      fires = patcher_lib.entropy_rule(ent, threshold=threshold, rule=patcher_config.rule)
+      starts = patcher_lib.patch_starts(fires, tokens, segment_ids,
+                                        max_patch_len=patcher_config.max_patch_len)
+      valid = segment_ids > 0
+      n_bytes += jnp.sum(valid)
+      n_patches += jnp.sum(starts[:, :-1] & valid)
+    return n_bytes, n_patches
+
+  def mean_len(threshold: float) -> float:
+    n_bytes, n_patches = counts(jnp.float32(threshold))
+    return float(n_bytes) / max(float(n_patches), 1.0)
+
+  low, high = -math.log(blt_bytes.VOCAB_SIZE), 2 * math.log(blt_bytes.VOCAB_SIZE)
+  if not mean_len(low) <= target_patch_len <= mean_len(high):
+    raise ValueError(
+        f"a mean patch length of {target_patch_len} is out of reach (between "
+        f"{mean_len(low):.2f} and {mean_len(high):.2f} with max_patch_len="
+        f"{patcher_config.max_patch_len}); change the target or max_patch_len")
+  for _ in range(iterations):
+    mid = 0.5 * (low + high)
+    if mean_len(mid) < target_patch_len:
+      low = mid
+    else:
+      high = mid
+  return high, mean_len(high)
+
+
+def write_calibration(workdir: str, record: Mapping[str, Any]) -> str:
+  path = os.path.join(workdir, CALIBRATION_FILE)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(dict(record), f, indent=2)
+  return path

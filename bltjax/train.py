@@ -1,0 +1,285 @@
+"""The training loop: config -> mesh -> data -> model & optimizer -> (restore) -> steps.
+
+Re-running the same command on the same workdir resumes from the latest checkpoint.
+The batch of step s is a pure function of (seed, s), so a resumed run continues with
+exactly the losses an uninterrupted run would have had.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from bltjax import checkpoint as checkpoint_lib
+from bltjax import configs
+from bltjax import data as data_lib
+from bltjax import flops
+from bltjax import losses
+from bltjax import metrics as metrics_lib
+from bltjax import objectives
+from bltjax import sharding
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  step: jax.Array       # int32 scalar
+  params: Any
+  opt_state: Any
+  rng: jax.Array        # PRNG key data, uint32 [2]
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
+  """AdamW with linear warmup + cosine decay and global-norm clipping.
+
+  Weight decay applies to matrices only (not norms' scales).
+  """
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim.lr, warmup_steps=optim.warmup_steps,
+      decay_steps=max(total_steps, optim.warmup_steps + 1),
+      end_value=optim.lr * optim.min_lr_ratio)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                      weight_decay=optim.weight_decay, mask=decay_mask)
+  clip = optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity()
+  return optax.chain(clip, adamw), schedule
+
+
+def abstract_batch(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+  shape = (batch_size, seq_len)
+  return {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in data_lib.BATCH_KEYS}
+
+
+def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes `config.json`, or refuses a workdir that holds another model's run."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    for section in ("model",):
+      if saved.get(section) != config[section].to_dict():
+        raise configs.ConfigError(
+            f"workdir {workdir} holds a run of another model (config.{section} differs from "
+            f"{path}); use a new --workdir or the saved config")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(configs.to_json(config))
+
+
+class Trainer:
+  """Everything one training run needs, built from a config (no hidden state)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None):
+    self.config = config
+    self.workdir = workdir
+    tcfg = config.train
+    if tcfg.steps < 1 or tcfg.batch_size < 1 or tcfg.seq_len < 2:
+      raise configs.ConfigError("config.train needs steps >= 1, batch_size >= 1, seq_len >= 2")
+    # --- Mesh -------------------------------------------------------------------------
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    sharding.check_batch(tcfg.batch_size, self.mesh)
+    # --- Model & optimizer ------------------------------------------------------------
+    self.objective = objectives.make_objective(config)
+    self.optimizer, self.schedule = make_optimizer(config.optim, tcfg.steps)
+    self.frozen = self.objective.frozen_params(self.mesh)
+    # --- Shardings of the train state (params by logical-axis rules) ------------------
+    batch_shapes = abstract_batch(tcfg.batch_size, tcfg.seq_len)
+    rng = jax.random.PRNGKey(config.seed)
+    with sharding.use_mesh(self.mesh):
+      boxed = jax.eval_shape(self.objective.init, rng, batch_shapes)
+    self.param_shardings = sharding.param_shardings(boxed, self.mesh)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.replicated = sharding.replicated(self.mesh)
+    init = self._init_fn(batch_shapes)
+    abstract = jax.eval_shape(init, rng)
+    # Optimizer moments are sharded like their params; counters are replicated.
+    opt_shardings = optax.tree_map_params(
+        self.optimizer, lambda _, s: s, abstract.opt_state, self.param_shardings,
+        transform_non_params=lambda _: self.replicated,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    self.state_shardings = TrainState(step=self.replicated, params=self.param_shardings,
+                                      opt_state=opt_shardings, rng=self.replicated)
+    self.init_state = jax.jit(init, out_shardings=self.state_shardings)
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+        self.state_shardings)
+    # --- Steps ------------------------------------------------------------------------
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
+    self._jit_train_step = jax.jit(
+        self._train_step,
+        in_shardings=(self.state_shardings, self.batch_sharding, frozen_shardings),
+        out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+    self._jit_eval_step = jax.jit(
+        self.objective.eval_sums,
+        in_shardings=(self.state_shardings.params, self.batch_sharding, frozen_shardings),
+        out_shardings=self.replicated)
+
+  def train_step(self, state: TrainState, batch, frozen):
+    """One optimizer step (jitted; traced under the mesh and the logical-axis rules)."""
+    with sharding.use_mesh(self.mesh):
+      return self._jit_train_step(state, batch, frozen)
+
+  def eval_step(self, params, batch, frozen):
+    """Sums of CE nats and target bytes of one batch (jitted)."""
+    with sharding.use_mesh(self.mesh):
+      return self._jit_eval_step(params, batch, frozen)
+
+  def _init_fn(self, batch_shapes) -> Callable:
+    def init(rng):
+      init_rng, train_rng = jax.random.split(rng)
+      dummy = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), batch_shapes)
+      params = nn.meta.unbox(self.objective.init(init_rng, dummy))
+      params = jax.lax.with_sharding_constraint(params, self.param_shardings)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=self.optimizer.init(params), rng=train_rng)
+    return init
+
+  def _train_step(self, state: TrainState, batch, frozen):
+    rng, step_rng = jax.random.split(state.rng)
+    grad_fn = jax.value_and_grad(self.objective.loss, has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params, batch, step_rng, frozen)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   lr=self.schedule(state.step))
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    return new_state, metrics
+
+  def evaluate(self, params, max_batches: int | None = None) -> dict[str, float]:
+    """Bits per byte of the validation split (all of it, or `max_batches` batches)."""
+    tcfg = self.config.train
+    nats = n_bytes = 0.0
+    for local in data_lib.eval_batches(
+        self.config.data, seq_len=tcfg.seq_len, global_batch=tcfg.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        max_batches=max_batches):
+      sums = self.eval_step(params, sharding.make_global_batch(local, self.mesh), self.frozen)
+      nats += float(sums["nats"])
+      n_bytes += float(sums["bytes"])
+    return {"bpb": nats / max(n_bytes, 1.0) / losses.LN2, "bytes": n_bytes}
+
+
+def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
+  fetched = jax.device_get(pending)
+  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def _first_non_finite(pending: list[dict[str, jax.Array]], first_step: int):
+  for i, loss in enumerate(jax.device_get([m["loss"] for m in pending])):
+    if not math.isfinite(float(loss)):
+      return first_step + i, float(loss)
+  return None
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          progress: bool | None = None) -> dict[str, float]:
+  """Trains (or resumes) the run in `workdir`; returns the last validation metrics."""
+  tcfg = config.train
+  check_workdir_config(workdir, config)
+  trainer = Trainer(config, workdir)
+  is_main = jax.process_index() == 0
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep,
+                                     async_save=tcfg.async_checkpoint)
+
+  # --- Restore or initialise -------------------------------------------------------------
+  start_step = ckpt.latest_step() or 0
+  if start_step:
+    state = ckpt.restore_state(start_step, trainer.abstract_state)
+  else:
+    state = trainer.init_state(jax.random.PRNGKey(config.seed))
+  dataset = data_lib.train_dataset(
+      config.data, seq_len=tcfg.seq_len, global_batch=tcfg.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  data_iter = data_lib.train_iterator(dataset, start_step=start_step,
+                                      prefetch=config.data.prefetch,
+                                      read_threads=config.data.read_threads)
+  if start_step and ckpt.has_data_state(start_step):
+    ckpt.restore_data(start_step, data_iter)
+
+  writer = metrics_lib.MetricsWriter(workdir, total_steps=tcfg.steps, start_step=start_step,
+                                     enabled=is_main, progress=progress)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  writer.print(
+      f"bltjax train: process {jax.process_index()}/{jax.process_count()}, "
+      f"{jax.device_count()} devices ({jax.devices()[0].device_kind}), mesh "
+      f"{dict(trainer.mesh.shape)}, {n_params / 1e6:.2f}M params, workdir {workdir}, "
+      + (f"resuming at step {start_step}" if start_step else "starting at step 0"))
+  peak = flops.peak_flops(jax.devices()[0].device_kind)
+  step_flops = trainer.objective.train_flops(tcfg.batch_size, tcfg.seq_len)
+
+  # --- Train loop ------------------------------------------------------------------------
+  pending: list[dict[str, jax.Array]] = []
+  pending_start = start_step
+  last_saved = start_step or None
+  window_start_time, window_steps = None, 0
+  eval_metrics: dict[str, float] = {}
+
+  def check_pending() -> None:
+    bad = _first_non_finite(pending, pending_start + 1)
+    if bad is not None:
+      ckpt.wait()
+      raise NonFiniteLossError(
+          f"loss became {bad[1]} at step {bad[0]}; training stopped before saving it. The "
+          f"last good checkpoint is step {last_saved} in {ckpt.directory}; lower optim.lr "
+          "or check the data, then re-run to resume from it")
+
+  try:
+    for step in range(start_step, tcfg.steps):
+      batch = sharding.make_global_batch(next(data_iter), trainer.mesh)
+      state, step_metrics = trainer.train_step(state, batch, trainer.frozen)
+      pending.append(step_metrics)
+      done = step + 1
+      writer.advance()
+      if window_start_time is None:  # the first step includes compilation: not timed
+        jax.block_until_ready(state.step)
+        window_start_time, window_steps = time.perf_counter(), 0
+      else:
+        window_steps += 1
+      is_last = done == tcfg.steps
+      if done % tcfg.log_every == 0 or is_last:
+        check_pending()
+        row = _mean_metrics(pending)
+        elapsed = time.perf_counter() - window_start_time
+        if window_steps:
+          step_time = elapsed / window_steps
+          row["step_time"] = step_time
+          row["bytes_per_s"] = tcfg.batch_size * tcfg.seq_len / step_time
+          if peak:
+            row["mfu"] = step_flops / step_time / (peak * jax.device_count())
+        writer.write(done, row)
+        pending, pending_start = [], done
+        window_start_time, window_steps = time.perf_counter(), 0
+      if (tcfg.eval_every and done % tcfg.eval_every == 0) or is_last:
+        check_pending()
+        eval_metrics = trainer.evaluate(state.params, tcfg.eval_batches or None)
+        writer.write(done, eval_metrics, prefix="valid")
+        window_start_time, window_steps = time.perf_counter(), 0
+      if done % tcfg.save_every == 0 or is_last:
+        check_pending()
+        ckpt.save(done, state, data_iter)
+        last_saved = done
+    if start_step >= tcfg.steps:
+      writer.print(f"workdir already holds step {start_step} >= train.steps={tcfg.steps}; "
+                   "raise --config.train.steps to train further")
+      eval_metrics = trainer.evaluate(state.params, tcfg.eval_batches or None)
+      writer.write(start_step, eval_metrics, prefix="valid")
+  finally:
+    ckpt.close()
+    writer.close()
+  return eval_metrics

@@ -1,0 +1,71 @@
+"""The training loop: exact resume, NaN stops keep the last good checkpoint, workdirs."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bltjax import configs
+from bltjax import metrics
+from bltjax import train
+from conftest import tiny_entropy_config
+
+
+def _losses(workdir):
+  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_resume_continues_with_exactly_the_losses_of_a_straight_run(tiny_corpus, tmp_path):
+  overrides = dict(train__steps=6, train__log_every=1, train__save_every=3,
+                   train__eval_every=0, train__eval_batches=1)
+  straight = str(tmp_path / "straight")
+  train.train(tiny_entropy_config(tiny_corpus, **overrides), straight, progress=False)
+
+  resumed = str(tmp_path / "resumed")
+  train.train(tiny_entropy_config(tiny_corpus, **dict(overrides, train__steps=3)), resumed,
+              progress=False)
+  assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["3"]
+  # Same command with the full step count: resumes at 3 (the schedule is that of 6 steps).
+  train.train(tiny_entropy_config(tiny_corpus, **overrides), resumed, progress=False)
+
+  a, b = _losses(straight), _losses(resumed)
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_array_equal([a[s] for s in (4, 5, 6)], [b[s] for s in (4, 5, 6)])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_corpus, tmp_path):
+  workdir = str(tmp_path / "nan")
+  config = tiny_entropy_config(tiny_corpus, train__steps=6, train__log_every=3,
+                               train__save_every=1, train__eval_every=0,
+                               optim__lr=1e30, optim__warmup_steps=0, optim__clip_norm=0.0)
+  with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step") as info:
+    train.train(config, workdir, progress=False)
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
+  bad_step = int(str(info.value).split(" at step ")[1].split(";")[0])
+  assert saved and max(saved) < bad_step
+  assert f"step {max(saved)} in" in str(info.value)
+
+
+def test_workdir_of_another_model_is_refused(tiny_corpus, tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train(tiny_entropy_config(tiny_corpus, train__steps=1, train__eval_every=0),
+              workdir, progress=False)
+  other = tiny_entropy_config(tiny_corpus, train__steps=2, model__entropy__d_model=64)
+  with pytest.raises(configs.ConfigError, match="another model"):
+    train.train(other, workdir, progress=False)
+
+
+def test_workdir_records_config_metrics_and_tensorboard(tiny_corpus, tmp_path):
+  workdir = str(tmp_path / "run")
+  result = train.train(tiny_entropy_config(tiny_corpus), workdir, progress=False)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["kind"] == "entropy"
+  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  keys = set().union(*rows)
+  assert {"train/loss", "train/bpb", "train/grad_norm", "train/lr", "train/bytes_per_s",
+          "train/step_time", "valid/bpb"} <= keys
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(
+      os.path.join(workdir, "tb")))
+  assert 0 < result["bpb"] < 9
