@@ -1,4 +1,4 @@
-"""Command line: `bltjax train|patch|calibrate|params|demo`.
+"""Command line: `bltjax train|eval|patch|calibrate|params|demo`.
 
 Every command that reads an experiment file takes `--config FILE[:arg]` and any number
 of `--config.section.key=value` overrides. Errors a user can fix are printed as one
@@ -15,6 +15,7 @@ from typing import Sequence
 from bltjax import checkpoint
 from bltjax import configs
 from bltjax import data as data_lib
+from bltjax import distributed
 from bltjax.train import NonFiniteLossError
 
 DEMO_TEXT = ('def greet(name):\n    """Say hello."""\n    return f"Hello, {name}!"\n\n'
@@ -31,8 +32,21 @@ def cmd_train(args, overrides):
   from bltjax import train  # pylint: disable=g-import-not-at-top
   config = configs.load(args.config, overrides)
   result = train.train(config, args.workdir)
-  if result:
+  if result and distributed.is_main():
     print(f"validation bpb {result['bpb']:.4f} ({int(result['bytes'])} bytes)")
+
+
+def cmd_eval(args, overrides):
+  from bltjax import evaluate  # pylint: disable=g-import-not-at-top
+  if args.name:
+    evaluate.check_name(args.name)
+  result = evaluate.evaluate_workdir(
+      args.workdir, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+      max_batches=args.max_batches, overrides=overrides)
+  path = evaluate.write_result(result, args.name)
+  if distributed.is_main():
+    print(evaluate.format_table(result))
+    print(f"written to {path}")
 
 
 def _entropy_config(workdir: str, overrides: Sequence[str]):
@@ -79,9 +93,8 @@ def format_patches(pieces: Sequence[bytes]) -> str:
 def cmd_params(args, overrides):
   from bltjax import objectives  # pylint: disable=g-import-not-at-top
   config = configs.load(args.config, overrides)
-  objective = objectives.make_objective(config)
-  for name, count in objective.param_counts().items():
-    print(f"{name:>24s}  {count / 1e6:12.3f} M")
+  for name, count in objectives.param_counts(config).items():
+    print(f"{name:>18s}  {count / 1e6:12.3f} M")
 
 
 def cmd_demo(args, overrides):
@@ -108,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--config", required=True, help="experiment file, e.g. experiments/entropy_tiny.py")
   p.add_argument("--workdir", required=True, help="run directory (re-running resumes)")
   p.set_defaults(fn=cmd_train)
+
+  p = sub.add_parser("eval", help="bits per byte of a workdir's latest checkpoint on data")
+  p.add_argument("--workdir", required=True, help="workdir of a `bltjax train` run")
+  p.add_argument("--data", required=True,
+                 help="comma-separated files, directories or globs (text, JSONL, ArrayRecord)")
+  p.add_argument("--seq_len", type=int, default=None, help="bytes per row (default: training's)")
+  p.add_argument("--batch_size", type=int, default=None,
+                 help="global rows per eval step (default: training's)")
+  p.add_argument("--max_batches", type=int, default=None,
+                 help="at most this many batches per file (default: all)")
+  p.add_argument("--name", default=None,
+                 help="report name: <workdir>/eval/<name>.json (default: from --data)")
+  p.set_defaults(fn=cmd_eval)
 
   p = sub.add_parser("calibrate", help="pick the entropy threshold for a mean patch length")
   p.add_argument("--workdir", required=True, help="workdir of a trained entropy model")
@@ -138,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(rest)
   try:
+    distributed.initialize()  # Multi-host: before anything touches devices.
     args.fn(args, overrides)
   except (configs.ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as e:
     if os.environ.get("BLTJAX_TRACEBACK"):

@@ -173,7 +173,29 @@ def base_config() -> ml_collections.ConfigDict:
       l1_coef=0.0,                   # L1 on relu activations (sparsity)
       impl="xla",                    # xla | pallas (activation-sparse kernel; relu only)
   ))
-  config.model.entropy = transformer_section(128, 2, 4, window=512)
+  config.model.entropy = transformer_section(128, 2, 4, window=512)   # kind "entropy"
+  config.model.blt = ml_collections.ConfigDict(dict(                    # kind "blt"
+      encoder=transformer_section(128, 1, 4, window=512, rope_theta=500000.0),
+      global_model=transformer_section(256, 2, 4, rope_theta=500000.0),
+      decoder=transformer_section(128, 2, 4, window=512, rope_theta=500000.0),
+      cross_attn_k=2,                    # patch vectors per patch
+      cross_attn_heads=0,                # 0: the local models' n_heads
+      cross_attn_all_layers_encoder=False,
+      cross_attn_all_layers_decoder=True,
+      ngram_sizes=(3, 4, 5, 6, 7, 8),    # hash n-gram embeddings
+      hash_table_size=500002,            # rows per table; 0: no hash embeddings
+      hash_functions=1,
+      ffn_local=False,                   # model.ffn also for the local models (else swiglu)
+  ))
+  config.model.diffusion = ml_collections.ConfigDict(dict(              # BLT-D objective
+      lambda_diff=0.0,                   # loss = ce_next + lambda_diff * ce_masked; 0: BLT
+      block_size=8,                      # B: bytes per noisy block
+      blocks_per_chunk=0,                # noisy blocks per window-long chunk; 0: chunk / 4
+      noise="per_example",               # per_example | per_block: t ~ U(eps, 1]
+      eps=1e-3,
+      elbo_weight=False,                 # weight masked CE by 1/t
+      noisy_embedding="encoder",         # encoder: noisy bytes go through the encoder layers
+  ))
 
   config.patcher = ml_collections.ConfigDict(dict(
       mode="entropy",                # entropy | static | space

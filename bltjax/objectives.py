@@ -9,17 +9,23 @@ trained (the BLT's patcher entropy model).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
 from bltjax import bytes as blt_bytes
+from bltjax import configs
 from bltjax import flops
 from bltjax import losses
 from bltjax import model as model_lib
+from bltjax import sharding
+from bltjax.model import blt
 from bltjax.model import entropy_model
 from bltjax.model import layers
+from bltjax.model import patcher as patcher_lib
 
 
 class EntropyObjective:
@@ -69,8 +75,144 @@ class EntropyObjective:
     return 3.0 * forward
 
 
+class BltObjective:
+  """Next-byte CE of the BLT (+ lambda_diff * masked block-diffusion CE for BLT-D).
+
+  Patches are computed inside the step from the frozen entropy model (or by static /
+  space patching); bytes whose global context falls past `max_patches` are left out
+  of the loss and their fraction is logged as `dropped_bytes`.
+  """
+
+  kind = "blt"
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    from bltjax import patching  # pylint: disable=g-import-not-at-top
+    self.config = config
+    self.model_config = model_lib.blt_config(config.model)
+    self.module = blt.BLT(self.model_config)
+    seq_len = config.train.seq_len
+    section = config.patcher
+    self.entropy_workdir = section.entropy_workdir if section.mode == "entropy" else ""
+    if section.mode == "entropy":
+      if not section.entropy_workdir:
+        raise configs.ConfigError(
+            "config.patcher.mode='entropy' needs config.patcher.entropy_workdir (the workdir "
+            "of a trained entropy model), or use --config.patcher.mode=static|space")
+      threshold = patching.resolve_threshold(section, section.entropy_workdir)
+      self.entropy_model = patching.EntropyModelRef.describe(section.entropy_workdir)
+    else:
+      threshold, self.entropy_model = 0.0, None
+    self.patcher_config = model_lib.patcher_config(section, threshold=threshold,
+                                                   default_max_patches=seq_len)
+
+  @property
+  def max_patches(self) -> int:
+    return self.patcher_config.max_patches
+
+  def frozen_params(self, mesh):
+    """The patcher's entropy model params, replicated over the mesh (or None)."""
+    if self.entropy_model is None:
+      return None
+    from bltjax import patching  # pylint: disable=g-import-not-at-top
+    return patching.EntropyModelRef.load(self.entropy_workdir,
+                                         sharding.replicated(mesh)).params
+
+  def patches(self, batch, frozen) -> patcher_lib.Patches:
+    entropies = None
+    if self.entropy_model is not None:
+      entropies = jax.lax.stop_gradient(self.entropy_model.entropies(
+          frozen, batch["inputs"], batch["segment_ids"]))
+    return patcher_lib.patch(self.patcher_config, batch["inputs"], batch["segment_ids"],
+                             entropies)
+
+  def init(self, rng, batch):
+    static = dataclasses.replace(self.patcher_config, mode="static")
+    patches = patcher_lib.patch(static, batch["inputs"], batch["segment_ids"])
+    return self.module.init(rng, batch["inputs"], batch["segment_ids"], patches)["params"]
+
+  def _next_byte(self, params, batch, patches, noisy=None):
+    (logits, noisy_logits), state = self.module.apply(
+        {"params": params}, batch["inputs"], batch["segment_ids"], patches, noisy,
+        mutable=["intermediates"])
+    real = losses.target_mask(batch["targets"])
+    mask = real & (patches.next_patch_ids <= self.max_patches)
+    nats, n_bytes = losses.cross_entropy_sums(logits, batch["targets"], mask)
+    dropped = 1.0 - n_bytes / jnp.maximum(jnp.sum(real), 1.0)
+    return nats, n_bytes, dropped, noisy_logits, state.get("intermediates", {})
+
+  def loss(self, params, batch, rng, frozen=None):
+    del rng
+    patches = self.patches(batch, frozen)
+    nats, n_bytes, dropped, _, intermediates = self._next_byte(params, batch, patches)
+    ce = nats / jnp.maximum(n_bytes, 1.0)
+    penalty, sparsity = layers.ffn_penalty(intermediates, self.model_config.global_model.l1_coef)
+    valid = batch["segment_ids"] > 0
+    metrics = {"ce": ce, "bpb": ce / losses.LN2, "dropped_bytes": dropped,
+               "patch_len": patcher_lib.mean_patch_length(patches, valid)}
+    if sparsity is not None:
+      metrics["ffn_sparsity"] = sparsity
+    return ce + penalty, metrics
+
+  def eval_sums(self, params, batch, frozen=None):
+    patches = self.patches(batch, frozen)
+    nats, n_bytes, _, _, _ = self._next_byte(params, batch, patches)
+    return {"nats": nats, "bytes": n_bytes}
+
+  def train_flops(self, batch_size: int, seq_len: int) -> float:
+    cfg = self.model_config
+    n_bytes = batch_size * seq_len
+    n_patches = n_bytes / 4.5   # the nominal BLT patch length; MFU is an estimate
+    k_d = cfg.cross_attn_k * cfg.d_local
+    forward = (flops.stack_forward_flops(cfg.encoder, n_bytes, seq_len)
+               + flops.stack_forward_flops(cfg.global_model, n_patches, int(seq_len / 4.5))
+               + flops.stack_forward_flops(cfg.decoder, n_bytes, seq_len)
+               + flops.linear_flops(cfg.d_local, k_d, n_patches)
+               + flops.linear_flops(cfg.global_model.d_model, k_d, n_patches)
+               + flops.linear_flops(cfg.d_local, blt_bytes.VOCAB_SIZE, n_bytes))
+    return 3.0 * forward
+
+
 def make_objective(config: ml_collections.ConfigDict) -> Any:
-  kinds = {"entropy": EntropyObjective}
+  kinds = {"entropy": EntropyObjective, "blt": BltObjective}
   if config.model.kind not in kinds:
     raise ValueError(f"config.model.kind={config.model.kind!r} is not one of {sorted(kinds)}")
   return kinds[config.model.kind](config)
+
+
+def _count(tree) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def param_counts(config: ml_collections.ConfigDict, seq_len: int = 64) -> dict[str, int]:
+  """Parameters per component, from `jax.eval_shape` (nothing is allocated).
+
+  For kind "blt" the hash tables are counted apart from the encoder, and the entropy
+  model is the shape in `config.model.entropy` (the patcher it is meant to use).
+  """
+  shapes = {k: jax.ShapeDtypeStruct((1, seq_len), jnp.int32) for k in ("inputs",
+                                                                        "segment_ids")}
+  entropy_cfg = model_lib.transformer_config(config.model.entropy, config.model)
+  entropy_params = jax.eval_shape(entropy_model.EntropyModel(entropy_cfg).init,
+                                  jax.random.PRNGKey(0), shapes["inputs"],
+                                  shapes["segment_ids"])["params"]
+  counts = {"entropy_model": _count(entropy_params)}
+  if config.model.kind == "blt":
+    module = blt.BLT(model_lib.blt_config(config.model))
+
+    def init(rng, tokens, segment_ids):
+      static = patcher_lib.PatcherConfig(mode="static", max_patches=seq_len)
+      return module.init(rng, tokens, segment_ids,
+                         patcher_lib.patch(static, tokens, segment_ids))["params"]
+
+    params = jax.eval_shape(init, jax.random.PRNGKey(0), shapes["inputs"], shapes["segment_ids"])
+    encoder = dict(params["encoder"])
+    hash_tables = encoder.pop("embedding", {}).get("hash_embed", {})
+    counts["local_encoder"] = _count(encoder) + _count(params["encoder"]["embedding"]) - _count(
+        hash_tables)
+    counts["hash_tables"] = _count(hash_tables)
+    counts["global_model"] = _count(params["global_model"])
+    counts["local_decoder"] = _count(params["decoder"])
+    counts["blt_without_hash"] = (counts["local_encoder"] + counts["global_model"]
+                                  + counts["local_decoder"])
+    counts["blt_total"] = counts["blt_without_hash"] + counts["hash_tables"]
+  return counts

@@ -51,16 +51,16 @@ def resolve_threshold(patcher_section: Mapping, entropy_workdir: str) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class EntropyModelRef:
-  """A trained entropy model: module, params and where they came from."""
+  """A trained entropy model: module, params (None until loaded) and its workdir."""
   module: entropy_model.EntropyModel
   params: Any
   workdir: str
-  step: int
+  step: int | None
   config: Any  # the workdir's ConfigDict
 
   @classmethod
-  def load(cls, workdir: str, sharding: jax.sharding.Sharding | None = None) -> "EntropyModelRef":
-    """Loads the latest checkpoint of an entropy-model workdir (float32, for patching)."""
+  def describe(cls, workdir: str) -> "EntropyModelRef":
+    """The model of an entropy-model workdir, without its params (float32)."""
     config = checkpoint.read_config(workdir)
     if config.model.kind != "entropy":
       raise configs.ConfigError(
@@ -69,14 +69,19 @@ class EntropyModelRef:
     model_config = dataclasses.replace(
         model_lib.transformer_config(config.model.entropy, config.model), dtype="float32",
         remat=False)
-    module = entropy_model.EntropyModel(model_config)
+    return cls(entropy_model.EntropyModel(model_config), None, workdir, None, config)
+
+  @classmethod
+  def load(cls, workdir: str, sharding: jax.sharding.Sharding | None = None) -> "EntropyModelRef":
+    """Loads the latest checkpoint of an entropy-model workdir."""
+    ref = cls.describe(workdir)
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    boxed = jax.eval_shape(module.init, jax.random.PRNGKey(0), tokens, tokens)["params"]
+    boxed = jax.eval_shape(ref.module.init, jax.random.PRNGKey(0), tokens, tokens)["params"]
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                             nn.meta.unbox(boxed))
     params, step = checkpoint.load_params(workdir, abstract)
-    return cls(module, params, workdir, step, config)
+    return dataclasses.replace(ref, params=params, step=step)
 
   def entropies(self, params, tokens, segment_ids):
     """Pure: next-byte entropies (nats, float32) `[batch, len]`, per row."""

@@ -72,14 +72,17 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
     with open(path, encoding="utf-8") as f:
       saved = json.load(f)
     for section in ("model",):
-      if saved.get(section) != config[section].to_dict():
+      # Compared as JSON (tuples come back as lists).
+      if saved.get(section) != json.loads(configs.to_json(config[section])):
         raise configs.ConfigError(
             f"workdir {workdir} holds a run of another model (config.{section} differs from "
             f"{path}); use a new --workdir or the saved config")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    # Atomic (write + rename): other processes may be reading the previous one.
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
       f.write(configs.to_json(config))
+    os.replace(path + ".tmp", path)
 
 
 class Trainer:
@@ -161,12 +164,16 @@ class Trainer:
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new_state, metrics
 
-  def evaluate(self, params, max_batches: int | None = None) -> dict[str, float]:
-    """Bits per byte of the validation split (all of it, or `max_batches` batches)."""
+  def evaluate(self, params, max_batches: int | None = None, *,
+               data_cfg: ml_collections.ConfigDict | None = None) -> dict[str, float]:
+    """Bits per byte of the validation split (all of it, or `max_batches` batches).
+
+    `data_cfg` replaces `config.data` (e.g. `valid` set to another file).
+    """
     tcfg = self.config.train
     nats = n_bytes = 0.0
     for local in data_lib.eval_batches(
-        self.config.data, seq_len=tcfg.seq_len, global_batch=tcfg.batch_size,
+        data_cfg or self.config.data, seq_len=tcfg.seq_len, global_batch=tcfg.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
         max_batches=max_batches):
       sums = self.eval_step(params, sharding.make_global_batch(local, self.mesh), self.frozen)

@@ -42,3 +42,14 @@ def tiny_entropy_config(corpus: str, **overrides):
   for key, value in overrides.items():
     configs.set_value(config, key.replace("__", "."), value)
   return config
+
+
+def tiny_blt_config(corpus: str, variant: str = "static", **overrides):
+  """The runlocal BLT config (`variant`: static | space | bltd4 ...) on `corpus`."""
+  from bltjax import configs  # pylint: disable=g-import-not-at-top
+  config = configs.load(os.path.join(REPO, "experiments", f"blt_tiny.py:{variant},runlocal"))
+  configs.set_value(config, "data.train", corpus)
+  configs.set_value(config, "data.prefetch", 0)
+  for key, value in overrides.items():
+    configs.set_value(config, key.replace("__", "."), value)
+  return config

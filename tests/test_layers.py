@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bltjax.model import attention
 from bltjax.model import layers
 
 
@@ -49,8 +50,9 @@ def test_every_parameter_has_logical_axis_names():
   cfg = layers.TransformerConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, window=8)
   x = jnp.zeros((1, 8, 32))
   pos = jnp.arange(8)[None]
+  spec = attention.CausalSpec(pos, jnp.ones((1, 8), jnp.int32), window=8)
   boxed = jax.eval_shape(layers.Transformer(cfg).init, jax.random.PRNGKey(0), x, pos,
-                         jnp.ones((1, 8), jnp.int32))["params"]
+                         spec)["params"]
   leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
   assert leaves and all(isinstance(v, nn.LogicallyPartitioned) for v in leaves)
   names = {n for v in leaves for n in v.names}

@@ -6,10 +6,15 @@ from typing import Mapping
 
 from bltjax.model import layers
 from bltjax.model import patcher as patcher_lib
+from bltjax.model.blt_config import BltConfig
 
 
-def transformer_config(section: Mapping, model: Mapping) -> layers.TransformerConfig:
-  """A `config.model.<component>` section + model-wide options -> TransformerConfig."""
+def transformer_config(section: Mapping, model: Mapping, *, use_ffn_config: bool = True
+                       ) -> layers.TransformerConfig:
+  """A `config.model.<component>` section + model-wide options -> TransformerConfig.
+
+  `use_ffn_config=False` keeps the reference SwiGLU FFN (local models by default)."""
+  ffn = model["ffn"] if use_ffn_config else dict(activation="swiglu", l1_coef=0.0, impl="xla")
   return layers.TransformerConfig(
       d_model=int(section["d_model"]),
       n_layers=int(section["n_layers"]),
@@ -18,9 +23,9 @@ def transformer_config(section: Mapping, model: Mapping) -> layers.TransformerCo
       ffn_dim=int(section["ffn_dim"]),
       window=int(section["window"]),
       rope_theta=float(section["rope_theta"]),
-      activation=model["ffn"]["activation"],
-      l1_coef=float(model["ffn"]["l1_coef"]),
-      ffn_impl=model["ffn"]["impl"],
+      activation=ffn["activation"],
+      l1_coef=float(ffn["l1_coef"]),
+      ffn_impl=ffn["impl"],
       dtype=model["dtype"],
       remat=bool(model["remat"]),
   )
@@ -36,4 +41,23 @@ def patcher_config(section: Mapping, *, threshold: float | None = None,
       max_patch_len=int(section["max_patch_len"]),
       patch_size=int(section["patch_size"]),
       max_patches=int(section["max_patches"]) or default_max_patches,
+  )
+
+
+def blt_config(model: Mapping) -> BltConfig:
+  """`config.model` (kind "blt") -> BltConfig."""
+  blt = model["blt"]
+  local = lambda name: transformer_config(blt[name], model, use_ffn_config=blt["ffn_local"])
+  return BltConfig(
+      encoder=local("encoder"),
+      global_model=transformer_config(blt["global_model"], model),
+      decoder=local("decoder"),
+      cross_attn_k=int(blt["cross_attn_k"]),
+      cross_attn_heads=int(blt["cross_attn_heads"]),
+      cross_attn_all_layers_encoder=bool(blt["cross_attn_all_layers_encoder"]),
+      cross_attn_all_layers_decoder=bool(blt["cross_attn_all_layers_decoder"]),
+      ngram_sizes=tuple(int(n) for n in blt["ngram_sizes"]),
+      hash_table_size=int(blt["hash_table_size"]),
+      hash_functions=int(blt["hash_functions"]),
+      noisy_embedding=model["diffusion"]["noisy_embedding"],
   )

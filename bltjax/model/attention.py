@@ -13,6 +13,7 @@ Shapes: q `[batch, q_len, heads, head_dim]`, k/v `[batch, k_len, kv_heads, head_
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,6 +122,17 @@ def causal_attention(q, k, v, positions, segment_ids, *, window: int = 0):
   return dense_causal_attention(q, k, v, positions, segment_ids)
 
 
+@flax.struct.dataclass
+class CausalSpec:
+  """How a stack attends during training / prefill: causal within segments."""
+  positions: jax.Array        # [B, T] int32
+  segment_ids: jax.Array      # [B, T] int32
+  window: int = flax.struct.field(pytree_node=False, default=0)
+
+  def __call__(self, q, k, v):
+    return causal_attention(q, k, v, self.positions, self.segment_ids, window=self.window)
+
+
 def attention_flops(q_len: int, k_len: int, heads: int, head_dim: int) -> float:
   """Forward FLOPs of the two attention matmuls for one sequence (no masking discount)."""
   return 4.0 * q_len * k_len * heads * head_dim
@@ -133,3 +145,92 @@ def visible_keys_per_query(seq_len: int, window: int = 0) -> float:
   full = seq_len - window + 1
   ramp = np.arange(1, window).sum()
   return (full * window + ramp) / seq_len
+
+
+# ---------------------------------------------------------------------------------------
+# BLT-D training: the decoder (and encoder) run over [clean ; noisy blocks].
+# ---------------------------------------------------------------------------------------
+
+
+def noisy_chunk_size(seq_len: int, window: int) -> int:
+  """Chunk length C that groups noisy blocks: a block anchored at s belongs to chunk
+  (s - 1) // C, whose frame (the previous and this chunk of clean keys) holds every
+  clean key the block may see. C = window when the window is shorter than the row."""
+  return window if 0 < window < seq_len else seq_len
+
+
+def _clean_frames(x, chunk: int, n_chunks: int, fill):
+  """`[B, L, ...]` -> frames `[B, n, F, ...]`: F = 2C (previous ++ this chunk), or C when
+  there is a single chunk. Positions past L are `fill`."""
+  b, length = x.shape[:2]
+  pad = n_chunks * chunk - length
+  if pad:
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+  if n_chunks == 1:
+    return x.reshape(b, 1, chunk, *x.shape[2:])
+  chunks = x.reshape(b, n_chunks, chunk, *x.shape[2:])
+  prev = jnp.concatenate([jnp.full_like(chunks[:, :1], fill), chunks[:, :-1]], axis=1)
+  return jnp.concatenate([prev, chunks], axis=2)
+
+
+def noisy_block_attention(q, k, v, k_clean, v_clean, clean_positions, clean_segments,
+                          noisy, *, window: int, chunk: int):
+  """Attention of the noisy positions: each sees the clean prefix before its block's
+  anchor (within the window and the document) and its own block, bidirectionally.
+
+  q, k, v: `[B, n*M, H|G, D]` for the noisy positions in chunk-major order (n chunks of
+  M positions); k_clean, v_clean `[B, L, G, D]`; `noisy` a `NoisyAttentionInfo`.
+  Returns `[B, n*M, H, D]`; invalid positions get zeros.
+  """
+  b, length = clean_positions.shape
+  n_chunks = noisy.positions.shape[1]
+  m = noisy.positions.shape[2]
+  frame_k = _clean_frames(k_clean, chunk, n_chunks, 0)
+  frame_v = _clean_frames(v_clean, chunk, n_chunks, 0)
+  frame_pos = _clean_frames(clean_positions, chunk, n_chunks, -1)
+  frame_seg = _clean_frames(clean_segments, chunk, n_chunks, -2)
+  flat = lambda x: x.reshape(b * n_chunks, *x.shape[2:])
+  qn = flat(q.reshape(b, n_chunks, m, *q.shape[2:]))
+  kn = flat(k.reshape(b, n_chunks, m, *k.shape[2:]))
+  vn = flat(v.reshape(b, n_chunks, m, *v.shape[2:]))
+  keys = jnp.concatenate([flat(frame_k), kn], axis=1)
+  values = jnp.concatenate([flat(frame_v), vn], axis=1)
+  q_pos, q_anchor, q_block, q_seg, q_valid = (
+      flat(x)[:, :, None] for x in (noisy.positions, noisy.anchors, noisy.blocks,
+                                    noisy.segment_ids, noisy.valid))
+  k_pos, k_seg = flat(frame_pos)[:, None, :], flat(frame_seg)[:, None, :]
+  sees_prefix = attention_mask(q_pos, k_pos, q_seg, k_seg, window=window) & (k_pos < q_anchor)
+  k_block, k_valid = flat(noisy.blocks)[:, None, :], flat(noisy.valid)[:, None, :]
+  sees_block = (q_block == k_block) & k_valid
+  mask = jnp.concatenate([sees_prefix, sees_block], axis=2) & q_valid
+  out = masked_attention(qn, keys, values, mask)
+  return out.reshape(b, n_chunks * m, *q.shape[2:])
+
+
+@flax.struct.dataclass
+class NoisyAttentionInfo:
+  """Where the noisy positions of BLT-D training sit. All `[B, n_chunks, M]`."""
+  positions: jax.Array    # absolute byte position (RoPE position)
+  anchors: jax.Array      # anchor (first position) of the position's block
+  blocks: jax.Array       # block index within its chunk
+  segment_ids: jax.Array  # document of the anchor
+  valid: jax.Array        # bool: a real byte of a selected block
+
+
+@flax.struct.dataclass
+class CleanNoisySpec:
+  """BLT-D training over `[clean L ; noisy n*M]`: the clean copy is exactly the causal
+  stack (it never sees a noisy position); noisy blocks see the clean prefix before
+  their anchor and themselves (`noisy_block_attention`)."""
+  clean: CausalSpec
+  noisy: NoisyAttentionInfo
+  chunk: int = flax.struct.field(pytree_node=False, default=0)
+
+  def __call__(self, q, k, v):
+    length = self.clean.positions.shape[1]
+    clean = self.clean(q[:, :length], k[:, :length], v[:, :length])
+    noisy = noisy_block_attention(
+        q[:, length:], k[:, length:], v[:, length:], k[:, :length], v[:, :length],
+        self.clean.positions, self.clean.segment_ids, self.noisy,
+        window=self.clean.window, chunk=self.chunk)
+    return jnp.concatenate([clean, noisy], axis=1)

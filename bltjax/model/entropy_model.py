@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bltjax import bytes as blt_bytes
+from bltjax.model import attention
 from bltjax.model import layers
 
 
@@ -21,7 +22,8 @@ class EntropyModel(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     x = layers.Embed(blt_bytes.VOCAB_SIZE, cfg.d_model, cfg.compute_dtype, name="embed")(tokens)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-    x = layers.Transformer(cfg, name="transformer")(x, positions, segment_ids)
+    spec = attention.CausalSpec(positions, segment_ids, window=cfg.window)
+    x, _ = layers.Transformer(cfg, name="transformer")(x, positions, spec)
     x = layers.RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="norm")(x)
     logits = layers.Dense(blt_bytes.VOCAB_SIZE, ("embed", "vocab"), cfg.compute_dtype,
                           name="lm_head")(x)

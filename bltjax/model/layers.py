@@ -156,11 +156,16 @@ def apply_rope(x, positions, theta: float):
 
 
 class SelfAttention(nn.Module):
-  """Multi-head (grouped-query) causal self-attention with RoPE."""
+  """Multi-head (grouped-query) self-attention with RoPE.
+
+  How queries see keys is the `attention` spec (e.g. `attention.CausalSpec`): a pytree
+  called as `attention(q, k, v)`. Returns the output and this layer's rotated (k, v),
+  which generation writes into its caches.
+  """
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids):
+  def __call__(self, x, positions, attention):
     cfg = self.config
     b, t, _ = x.shape
     dtype = cfg.compute_dtype
@@ -170,9 +175,8 @@ class SelfAttention(nn.Module):
     q = apply_rope(q.reshape(b, t, cfg.n_heads, cfg.head_dim), positions, cfg.rope_theta)
     k = apply_rope(k.reshape(b, t, cfg.kv_heads, cfg.head_dim), positions, cfg.rope_theta)
     v = v.reshape(b, t, cfg.kv_heads, cfg.head_dim)
-    out = attention.causal_attention(q, k, v, positions, segment_ids, window=cfg.window)
-    out = out.reshape(b, t, cfg.n_heads * cfg.head_dim)
-    return Dense(cfg.d_model, ("heads", "embed"), dtype, name="o")(out)
+    out = attention(q, k, v).reshape(b, t, cfg.n_heads * cfg.head_dim)
+    return Dense(cfg.d_model, ("heads", "embed"), dtype, name="o")(out), (k, v)
 
 
 class FeedForward(nn.Module):
@@ -211,29 +215,38 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-  """Pre-norm block: `h = x + attn(norm(x)); out = h + ffn(norm(h))`."""
+  """Pre-norm block: `h = x + attn(norm(x)); out = h + ffn(norm(h))`. Returns (out, kv)."""
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids):
+  def __call__(self, x, positions, attention):
     cfg = self.config
-    h = x + SelfAttention(cfg, name="attn")(
-        RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x), positions, segment_ids)
+    normed = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x)
+    attn_out, kv = SelfAttention(cfg, name="attn")(normed, positions, attention)
+    h = x + attn_out
     out = h + FeedForward(cfg, name="ffn")(RMSNorm(cfg.norm_eps, cfg.compute_dtype,
                                                    name="ffn_norm")(h))
-    return nn.with_logical_constraint(out, ("batch", "length", "act_embed"))
+    return nn.with_logical_constraint(out, ("batch", "length", "act_embed")), kv
 
 
 class Transformer(nn.Module):
-  """A stack of `n_layers` blocks (no final norm: callers add one where needed)."""
+  """A stack of `n_layers` blocks (no final norm: callers add one where needed).
+
+  `attention`: one spec for every layer, or a tuple with one spec per layer. Returns
+  (x, per-layer (k, v)).
+  """
   config: TransformerConfig
 
-  @nn.compact
-  def __call__(self, x, positions, segment_ids):
+  def setup(self):
     block = nn.remat(TransformerBlock) if self.config.remat else TransformerBlock
-    for i in range(self.config.n_layers):
-      x = block(self.config, name=f"layer_{i}")(x, positions, segment_ids)
-    return x
+    self.layers = [block(self.config, name=f"layer_{i}") for i in range(self.config.n_layers)]
+
+  def __call__(self, x, positions, attention):
+    kvs = []
+    for i, layer in enumerate(self.layers):
+      x, kv = layer(x, positions, attention[i] if isinstance(attention, tuple) else attention)
+      kvs.append(kv)
+    return x, kvs
 
 
 def ffn_penalty(intermediates, l1_coef: float):
