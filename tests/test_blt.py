@@ -92,12 +92,11 @@ def test_each_byte_reads_the_global_output_of_the_last_complete_patch():
   positions = jnp.arange(8)[None]
   spec = attention.CausalSpec(positions, jnp.ones((1, 8), jnp.int32), window=8)
 
-  def logits(params, global_out):
-    bound = dec.bind(params)
-    return bound(states, positions, spec, bound.patch_vectors(global_out), read)
+  def full(module, global_out):
+    return module(states, positions, spec, module.patch_vectors(global_out), read)
 
-  params = dec.init(jax.random.PRNGKey(2), states, positions, spec,
-                    jnp.zeros((1, 4, 2, 32)), read)
+  params = dec.init(jax.random.PRNGKey(2), global_out, method=full)
+  logits = lambda params, global_out: dec.apply(params, global_out, method=full)
   base = logits(params, global_out)
   for patch in range(3):
     changed = logits(params, global_out.at[:, patch].add(1.0))
