@@ -31,9 +31,9 @@ class BltConfig:
           "the decoder reads the encoder's byte states; make them equal")
     if self.cross_attn_k < 1:
       raise ValueError(f"cross_attn_k must be >= 1, got {self.cross_attn_k}")
-    if self.d_local % self.cross_heads or (self.d_local // self.cross_heads) % 2:
-      raise ValueError(f"d_local={self.d_local} does not split into cross_attn_heads="
-                       f"{self.cross_heads} heads of even width")
+    if not 1 <= self.cross_heads <= self.d_local:
+      raise ValueError(f"cross_attn_heads={self.cross_heads} must be in [1, d_local="
+                       f"{self.d_local}]")
     if self.noisy_embedding not in NOISY_EMBEDDINGS:
       raise ValueError(f"noisy_embedding {self.noisy_embedding!r} is not one of "
                        f"{NOISY_EMBEDDINGS}")

@@ -101,13 +101,14 @@ class CrossAttention(nn.Module):
   @nn.compact
   def __call__(self, queries, kv, attend):
     d = queries.shape[-1]
-    head_dim = d // self.n_heads
+    head_dim = d // self.n_heads        # as the reference: inner width heads * (d // heads)
+    inner = self.n_heads * head_dim
     heads = lambda x: x.reshape(*x.shape[:-1], self.n_heads, head_dim)
     qn = layers.RMSNorm(self.norm_eps, self.dtype, name="q_norm")(queries)
     kvn = layers.RMSNorm(self.norm_eps, self.dtype, name="kv_norm")(kv)
-    q = heads(layers.Dense(d, ("embed", "heads"), self.dtype, name="q")(qn))
-    k = heads(layers.Dense(d, ("embed", "heads"), self.dtype, name="k")(kvn))
-    v = heads(layers.Dense(d, ("embed", "heads"), self.dtype, name="v")(kvn))
+    q = heads(layers.Dense(inner, ("embed", "heads"), self.dtype, name="q")(qn))
+    k = heads(layers.Dense(inner, ("embed", "heads"), self.dtype, name="k")(kvn))
+    v = heads(layers.Dense(inner, ("embed", "heads"), self.dtype, name="v")(kvn))
     out = attend(q, k, v)
-    out = out.reshape(*out.shape[:-2], d)
+    out = out.reshape(*out.shape[:-2], inner)
     return queries + layers.Dense(d, ("heads", "embed"), self.dtype, name="o")(out)
