@@ -220,6 +220,7 @@ def base_config() -> ml_collections.ConfigDict:
       save_every=200,
       keep=3,                        # checkpoints kept
       async_checkpoint=True,
+      init_params_from="",           # a workdir or converted model dir: start from its params
   ))
 
   config.optim = ml_collections.ConfigDict(dict(

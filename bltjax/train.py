@@ -210,6 +210,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     state = ckpt.restore_state(start_step, trainer.abstract_state)
   else:
     state = trainer.init_state(jax.random.PRNGKey(config.seed))
+    if tcfg.init_params_from:
+      params, from_step = checkpoint_lib.load_params(tcfg.init_params_from,
+                                                     trainer.abstract_state.params)
+      state = dataclasses.replace(state, params=params)
+      if jax.process_index() == 0:
+        print(f"initialised params from {tcfg.init_params_from} (step {from_step})")
   dataset = data_lib.train_dataset(
       config.data, seq_len=tcfg.seq_len, global_batch=tcfg.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
