@@ -140,26 +140,67 @@ def anchor_blocks(starts, segment_ids, *, block_size: int, num_blocks: int, rng,
     `Blocks`. `in_block` is False past the row's end, in another document, at bytes
     not allowed, and in unused slots.
   """
+  candidate = _candidates(starts, segment_ids, allowed, min_offset)
   batch, length = segment_ids.shape
-  starts = starts[:, :length]
-  if allowed is None:
-    allowed = segment_ids > 0
-  pos = jnp.arange(length, dtype=jnp.int32)[None]
-  candidate = starts & allowed & (pos - document_starts(segment_ids) >= min_offset)
   scores = jnp.where(candidate, jax.random.uniform(rng, (batch, length)), -1.0)
   if num_blocks > length:
     scores = jnp.pad(scores, ((0, 0), (0, num_blocks - length)), constant_values=-1.0)
   top, index = jax.lax.top_k(scores, num_blocks)
   anchors = jnp.sort(jnp.where(top >= 0.0, index, length).astype(jnp.int32), axis=1)
+  return _blocks(anchors, starts, segment_ids, allowed, candidate, block_size)
+
+
+def anchor_blocks_per_chunk(starts, segment_ids, *, block_size: int, chunk: int,
+                            blocks_per_chunk: int, rng, allowed=None,
+                            min_offset: int = 2) -> Blocks:
+  """`anchor_blocks`, but choosing up to A = `blocks_per_chunk` anchors in each chunk.
+
+  Chunk c holds the anchors s with `(s - 1) // chunk == c`: the clean keys such a block
+  may see (`[s - window, s)`, chunk = window) all lie in chunks c - 1 and c, which is
+  what `attention.noisy_block_attention` relies on. Returns `Blocks` with
+  K = n_chunks * A slots in chunk-major order (each chunk's anchors sorted, its unused
+  slots last with anchor = len).
+  """
+  candidate = _candidates(starts, segment_ids, allowed, min_offset)
+  batch, length = segment_ids.shape
+  n_chunks = -(-length // chunk)
+  # Position s goes to slot s - 1 of the chunked layout (s = 0 is never a candidate).
+  scores = jnp.where(candidate, jax.random.uniform(rng, (batch, length)), -1.0)[:, 1:]
+  scores = jnp.pad(scores, ((0, 0), (0, n_chunks * chunk - length + 1)), constant_values=-1.0)
+  scores = scores.reshape(batch, n_chunks, chunk)
+  if blocks_per_chunk > chunk:
+    scores = jnp.pad(scores, ((0, 0), (0, 0), (0, blocks_per_chunk - chunk)),
+                     constant_values=-1.0)
+  top, index = jax.lax.top_k(scores, blocks_per_chunk)
+  first = (jnp.arange(n_chunks, dtype=jnp.int32) * chunk + 1)[None, :, None]
+  anchors = jnp.sort(jnp.where(top >= 0.0, index + first, length).astype(jnp.int32), axis=2)
+  return _blocks(anchors.reshape(batch, -1), starts, segment_ids, allowed, candidate,
+                 block_size)
+
+
+def _candidates(starts, segment_ids, allowed, min_offset):
+  length = segment_ids.shape[1]
+  if allowed is None:
+    allowed = segment_ids > 0
+  pos = jnp.arange(length, dtype=jnp.int32)[None]
+  return (starts[:, :length] & allowed
+          & (pos - document_starts(segment_ids) >= min_offset))
+
+
+def _blocks(anchors, starts, segment_ids, allowed, candidate, block_size) -> Blocks:
+  length = segment_ids.shape[1]
+  if allowed is None:
+    allowed = segment_ids > 0
   valid = anchors < length
   positions, in_block = _block_extent(anchors, valid, segment_ids, allowed, block_size)
-  patch_ids = jnp.cumsum(starts.astype(jnp.int32), axis=1) - 1
+  patch_ids = jnp.cumsum(starts[:, :length].astype(jnp.int32), axis=1) - 1
   context_patch = jnp.where(valid, _take(patch_ids, anchors) - 1, 0)
   num_candidates = jnp.sum(candidate, axis=1, dtype=jnp.int32)
+  num_chosen = jnp.sum(valid, axis=1, dtype=jnp.int32)
   return Blocks(anchors=anchors, valid=valid, positions=positions, in_block=in_block,
                 lengths=jnp.sum(in_block, axis=-1, dtype=jnp.int32),
                 context_patch=context_patch, num_candidates=num_candidates,
-                num_dropped=jnp.maximum(num_candidates - num_blocks, 0))
+                num_dropped=num_candidates - num_chosen)
 
 
 def gather_blocks(x, blocks: Blocks, fill=blt_bytes.PAD_ID):
@@ -168,6 +209,7 @@ def gather_blocks(x, blocks: Blocks, fill=blt_bytes.PAD_ID):
   x `[batch, len, ...]` -> `[batch, K, B, ...]`. With x = the input ids this gives the
   clean block tokens, which are also the targets of the noisy positions (no shift).
   """
+  x = jnp.asarray(x)
   batch, k, b = blocks.positions.shape
   idx = jnp.clip(blocks.positions, 0, x.shape[1] - 1).reshape(batch, k * b)
   idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
@@ -198,6 +240,7 @@ def corrupt_blocks(clean_tokens, in_block, *, rng, noise: str = "per_example",
   """
   if noise not in NOISE_MODES:
     raise ValueError(f"noise {noise!r} is not one of {NOISE_MODES}")
+  clean_tokens = jnp.asarray(clean_tokens)
   batch, k, _ = clean_tokens.shape
   t_rng, mask_rng = jax.random.split(rng)
   u = jax.random.uniform(t_rng, (batch, 1) if noise == "per_example" else (batch, k))
@@ -226,8 +269,10 @@ def bltd_attention_ranges(anchors, valid, segment_ids, *, seq_len: int, block_si
   - noisy row p = s + j of block k (anchor s): the clean prefix
     `[max(doc(s), p - W + 1), s)` and the real bytes of its own block
     `[len + k*B, len + k*B + n_k)`, bidirectionally, where n_k is the block's length
-    (`Blocks.lengths`): b1 is shrunk so a block's padding is never attended. Nothing of
-    x_s .. in the clean copy, no other block.
+    (`Blocks.lengths`): b1 is shrunk so a block's padding is never attended. It never
+    sees the clean copy at positions >= s (its own bytes and later) nor another block.
+    The window is per position (p - W + 1, as for a clean row at p); the prefix uses
+    doc(s), so a block never reaches into the previous document.
   - padding rows (j >= n_k, and every row of an unused block) attend to nothing: both
     ranges empty, `[s, s)` and `[len + k*B, len + k*B)` (an unused block's s is
     `len`). Attention must give such rows zeros (e.g. `attention.masked_attention`).
@@ -306,7 +351,7 @@ def predictive_entropy(logits):
   return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
 
 
-def sample_tokens(logits, rng=None, *, temperature: float = 0.0, top_p: float = 1.0):
+def sample_tokens(logits, rng=None, *, temperature: float = 1.0, top_p: float = 1.0):
   """Ids from logits `[..., V]` -> `[...]` int32; MASK is never chosen.
 
   Greedy (argmax) when `rng` is None or `temperature == 0`; otherwise a sample from
@@ -333,7 +378,7 @@ def _at_least_one(chosen, score, still_masked):
   return still_masked & (chosen | is_best)
 
 
-def confidence_reveal(logits, still_masked, *, alpha, rng=None, temperature: float = 0.0,
+def confidence_reveal(logits, still_masked, *, alpha, rng=None, temperature: float = 1.0,
                       top_p: float = 1.0) -> Reveal:
   """Fast-dLLM confidence rule for one decoder step over a block.
 
