@@ -18,10 +18,12 @@ import ml_collections
 
 from bltjax import bytes as blt_bytes
 from bltjax import configs
+from bltjax import diffusion
 from bltjax import flops
 from bltjax import losses
 from bltjax import model as model_lib
 from bltjax import sharding
+from bltjax.model import attention
 from bltjax.model import blt
 from bltjax.model import entropy_model
 from bltjax.model import layers
@@ -140,18 +142,70 @@ class BltObjective:
     dropped = 1.0 - n_bytes / jnp.maximum(jnp.sum(real), 1.0)
     return nats, n_bytes, dropped, noisy_logits, state.get("intermediates", {})
 
+  def noisy_blocks(self, batch, patches, rng):
+    """BLT-D's noisy copy: blocks anchored at patch starts, grouped per window chunk,
+    corrupted with MASK. Returns (NoisyInput, clean block ids, Corruption, Blocks)."""
+    cfg, dcfg = self.model_config, self.config.model.diffusion
+    tokens, segment_ids = batch["inputs"], batch["segment_ids"]
+    b, length = tokens.shape
+    chunk = attention.noisy_chunk_size(length, blt.stack_window(cfg))
+    per_chunk = dcfg.blocks_per_chunk or max(1, chunk // 4)
+    anchor_rng, noise_rng = jax.random.split(rng)
+    blocks = diffusion.anchor_blocks_per_chunk(
+        patches.starts, segment_ids, block_size=dcfg.block_size, chunk=chunk,
+        blocks_per_chunk=per_chunk, rng=anchor_rng,
+        allowed=(segment_ids > 0) & patches.in_patches)
+    clean = diffusion.gather_blocks(tokens, blocks)                     # [B, K, Bsz]
+    corruption = diffusion.corrupt_blocks(clean, blocks.in_block, rng=noise_rng,
+                                          noise=dcfg.noise, eps=dcfg.eps)
+    n_chunks = blocks.anchors.shape[1] // per_chunk
+    size = dcfg.block_size
+    per_position = lambda x: jnp.broadcast_to(x[..., None], x.shape + (size,))
+    chunked = lambda x: x.reshape(b, n_chunks, per_chunk * size, *x.shape[3:])
+    block_index = jnp.broadcast_to(
+        jnp.arange(per_chunk, dtype=jnp.int32)[None, None, :, None],
+        (b, n_chunks, per_chunk, size)).reshape(b, n_chunks, per_chunk * size)
+    anchor_segments = jnp.take_along_axis(segment_ids, jnp.minimum(blocks.anchors, length - 1),
+                                          axis=1)
+    info = attention.NoisyAttentionInfo(
+        positions=chunked(blocks.positions), anchors=chunked(per_position(blocks.anchors)),
+        blocks=block_index, segment_ids=chunked(per_position(anchor_segments)),
+        valid=chunked(blocks.in_block))
+    hash_ids = (blt.noisy_hash_ids(cfg, tokens, corruption.tokens, blocks.anchors)
+                if cfg.n_hash_tables else jnp.zeros(corruption.tokens.shape + (0,), jnp.int32))
+    noisy = blt.NoisyInput(tokens=chunked(corruption.tokens), hash_ids=chunked(hash_ids),
+                           read_patch=chunked(per_position(blocks.context_patch)), info=info)
+    return noisy, clean, corruption, blocks
+
   def loss(self, params, batch, rng, frozen=None):
-    del rng
     patches = self.patches(batch, frozen)
-    nats, n_bytes, dropped, _, intermediates = self._next_byte(params, batch, patches)
+    dcfg = self.config.model.diffusion
+    noisy = None
+    if dcfg.lambda_diff > 0:
+      noisy, clean, corruption, blocks = self.noisy_blocks(batch, patches, rng)
+    nats, n_bytes, dropped, noisy_logits, intermediates = self._next_byte(
+        params, batch, patches, noisy)
     ce = nats / jnp.maximum(n_bytes, 1.0)
     penalty, sparsity = layers.ffn_penalty(intermediates, self.model_config.global_model.l1_coef)
     valid = batch["segment_ids"] > 0
     metrics = {"ce": ce, "bpb": ce / losses.LN2, "dropped_bytes": dropped,
                "patch_len": patcher_lib.mean_patch_length(patches, valid)}
+    loss = ce + penalty
+    if noisy is not None:
+      block_logits = noisy_logits.reshape(clean.shape + (-1,))
+      masked = losses.masked_block_ce(block_logits, clean, corruption.is_masked, corruption.t)
+      objective = (losses.masked_block_ce(block_logits, clean, corruption.is_masked,
+                                          corruption.t, elbo_weight=True)
+                   if dcfg.elbo_weight else masked)
+      loss = loss + dcfg.lambda_diff * objective.mean
+      size = dcfg.block_size
+      metrics[f"masked_ce_b{size}"] = masked.nats / jnp.maximum(masked.count, 1.0)
+      metrics[f"masked_acc_b{size}"] = masked.accuracy
+      metrics["blocks_dropped"] = jnp.sum(blocks.num_dropped) / jnp.maximum(
+          jnp.sum(blocks.num_candidates), 1)
     if sparsity is not None:
       metrics["ffn_sparsity"] = sparsity
-    return ce + penalty, metrics
+    return loss, metrics
 
   def eval_sums(self, params, batch, frozen=None):
     patches = self.patches(batch, frozen)
