@@ -24,10 +24,10 @@ from pallas_kernels.sparse_ffn.reference import relu_ffn_reference_with_stats
 T, D, F = 50, 48, 200
 GPU_TILES = dict(tm=16, bk=16, bn=16, bd=16, kb=16, bf=16)
 TPU_TILES = dict(tm=16, bk=128)
-VARIANTS = {
-    "gpu": dict(backend="gpu", **GPU_TILES),
-    "gpu_pallas_up": dict(backend="gpu", up_impl="pallas", **GPU_TILES),
-    "tpu": dict(backend="tpu", **TPU_TILES),
+VARIANTS = {  # dense_threshold=None: always the sparse kernels
+    "gpu": dict(backend="gpu", dense_threshold=None, **GPU_TILES),
+    "gpu_pallas_up": dict(backend="gpu", up_impl="pallas", dense_threshold=None, **GPU_TILES),
+    "tpu": dict(backend="tpu", dense_threshold=None, **TPU_TILES),
 }
 TOL_FWD = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 TOL_GRAD = {jnp.float32: 1e-4, jnp.bfloat16: 4e-2}
@@ -133,7 +133,8 @@ def test_compact_rows_and_work_list():
   flags = rng.random((7, 37)) < 0.3
   flags[2] = False
   flags[4] = True
-  cnt, ids = fmt.compact_rows(jnp.asarray(flags), pad_to=16)
+  cnt, ids = jax.device_get(
+      jax.jit(fmt.compact_rows, static_argnums=1)(jnp.asarray(flags), 16))
   assert ids.shape == (7, 48)
   for r in range(7):
     want = np.nonzero(flags[r])[0]
@@ -141,7 +142,8 @@ def test_compact_rows_and_work_list():
     np.testing.assert_array_equal(ids[r, :len(want)], want)
     np.testing.assert_array_equal(ids[r, len(want):], want[-1] if len(want) else 0)
   for include_empty in (True, False):
-    wl = fmt.work_list(cnt, ids, include_empty=include_empty)
+    wl = jax.device_get(jax.jit(fmt.work_list, static_argnames="include_empty")(
+        cnt, ids, include_empty=include_empty))
     steps = []
     for r in range(7):
       n = len(np.nonzero(flags[r])[0])
@@ -155,7 +157,8 @@ def test_compact_rows_and_work_list():
       assert (int(wl.row[s]), int(wl.flags[s])) == (r, fl), s
       if c is not None:
         assert int(wl.col[s]) == c
-  empty = fmt.work_list(*fmt.compact_rows(jnp.zeros((3, 4), bool)), include_empty=False)
+  empty = jax.jit(lambda fl: fmt.work_list(*fmt.compact_rows(fl), include_empty=False))(
+      jnp.zeros((3, 4), bool))
   assert int(empty.num) == 1 and int(empty.flags[0]) & fmt.VALID == 0
 
 
@@ -226,14 +229,20 @@ def test_gradients_match_reference_bf16(variant):
 
 @pytest.mark.parametrize("variant", ["gpu", "tpu"])
 def test_dense_fallback(variant):
-  """dense_threshold routes the call (forward and backward) to XLA; same numbers."""
-  args = make_inputs(50, 0.5, jnp.float32)
+  """dense_threshold routes work to XLA matmuls by measured occupancy; same numbers.
+
+  0.0: everything dense; 1.0 (TPU): everything sparse under the lax.cond; 0.3 (GPU, this
+  data: column occupancy 0.23, block occupancy 0.38): sparse forward / SDDMM / dx, dense
+  weight gradients."""
+  args = make_inputs(51, 0.9, jnp.float32, dead_tiles=True)
   want = _ref_grad(*args)
   ref = sparse_ffn.relu_ffn_reference(*args)
-  for thr in (0.0, 1.0):  # 0.0: always dense; 1.0: never
+  for thr in (0.0, 0.3) if variant == "gpu" else (0.0, 1.0):
     kw = {**VARIANTS[variant], "dense_threshold": thr}
-    out = sparse_ffn.sparse_relu_ffn(*args, interpret=True, **kw)
+    out, st = sparse_ffn.sparse_relu_ffn(*args, interpret=True, return_stats=True, **kw)
     assert rel_err(out, ref) < 1e-5
+    if thr == 0.3:
+      assert float(st.occupancy) < thr
     got = grad_fn(variant, dense_threshold=thr)(*args)
     for a, b in zip(got, want):
       assert rel_err(a, b) < 1e-4, thr
@@ -243,38 +252,40 @@ def test_decode_shape_and_batch_dims():
   """A few tokens (decode), and a caller flattening [batch, seq, d]."""
   x, wu, wd = make_inputs(60, 0.9, jnp.float32, t=3)
   for variant in ("gpu", "tpu"):
-    out = sparse_ffn.sparse_relu_ffn(x, wu, wd, interpret=True, **VARIANTS[variant])
+    out = fwd_fn(variant)(x, wu, wd)[0]
+    assert out.shape == (3, D)
     assert rel_err(out, sparse_ffn.relu_ffn_reference(x, wu, wd)) < 1e-5
   xb = x.reshape(3, 1, D)
-  out = sparse_ffn.sparse_relu_ffn(xb.reshape(-1, D), wu, wd, interpret=True,
-                                   **VARIANTS["gpu"]).reshape(xb.shape)
+  out = fwd_fn("gpu")(xb.reshape(-1, D), wu, wd)[0].reshape(xb.shape)
   assert out.shape == (3, 1, D)
 
 
 def test_kernels_skip_inactive_work():
-  """The GPU gather kernel only reads listed units: poisoning unlisted ones is harmless."""
+  """The kernels only read listed units: NaN weight rows of unlisted units are harmless."""
   rng = np.random.default_rng(0)
-  tm, f, t, d = 16, 64, 32, 32
-  h = np.maximum(rng.normal(size=(t, f)), 0).astype(np.float32)
-  h[:, 20:] = 0
-  flags = fmt.column_flags_tokmajor(jnp.asarray(h), tm)
-  cnt, ids = fmt.compact_rows(flags, 16)
-  w = rng.normal(size=(f, d)).astype(np.float32)
+  tm, t, d = 16, 32, 32
+  h = np.zeros((t, 256), np.float32)
+  h[:, :20] = np.maximum(rng.normal(size=(t, 20)), 0)  # units 20.. never active
+  w = rng.normal(size=(256, d)).astype(np.float32)
   w_poison = w.copy()
   w_poison[20:] = np.nan
-  out = gpu.gather_matmul(cnt, ids, jnp.asarray(h.T), jnp.asarray(w_poison), tm=tm, bk=16,
-                          bn=16, interpret=True)
-  assert rel_err(out, h @ w) < 1e-5
-  hb = np.zeros((t, 256), np.float32)
-  hb[:, :128] = h[:, :1].repeat(128, 1)
-  bfl = fmt.block_flags(fmt.column_flags_tokmajor(jnp.asarray(hb), tm), 128)
-  wl = fmt.work_list(*fmt.compact_rows(bfl), include_empty=True)
-  wb = rng.normal(size=(256, d)).astype(np.float32)
-  wb_poison = wb.copy()
-  wb_poison[128:] = np.nan
-  out = tpu.rowlist_matmul(wl, jnp.asarray(hb), jnp.asarray(wb_poison), tm=tm, bk=128,
-                           interpret=True)
-  assert rel_err(out, hb @ wb) < 1e-5
+  want = h[:, :20] @ w[:20]
+
+  @jax.jit
+  def run(h, w):
+    cflags = fmt.column_flags_tokmajor(h, tm)
+    cnt, ids = fmt.compact_rows(cflags, 16)
+    out_gpu = gpu.gather_matmul(cnt, ids, h.T, w, tm=tm, bk=16, bn=16, interpret=True)
+    # TPU: block granularity, block 1 (units 128..255) is empty and must not be read.
+    wl = fmt.work_list(*fmt.compact_rows(fmt.block_flags(cflags, 128)), include_empty=True)
+    w_tpu = w.at[:128].set(jnp.nan_to_num(w[:128]))
+    out_tpu = tpu.rowlist_matmul(wl, h, w_tpu, tm=tm, bk=128, interpret=True)
+    return out_gpu, out_tpu
+
+  out_gpu, out_tpu = run(jnp.asarray(h), jnp.asarray(w_poison))
+  assert rel_err(out_gpu, want) < 1e-5
+  w_tpu_want = np.where(np.isnan(w_poison[:128]), 0, w_poison[:128])
+  assert rel_err(out_tpu, h[:, :128] @ w_tpu_want) < 1e-5
 
 
 def test_tpu_kernels_race_detection(capfd):
@@ -282,7 +293,7 @@ def test_tpu_kernels_race_detection(capfd):
   args = make_inputs(70, 0.9, jnp.float32, t=32, f=256, dead_tiles=True)
   params = pltpu.InterpretParams(detect_races=True)
   fn = lambda x, wu, wd: sparse_ffn.sparse_relu_ffn(  # noqa: E731
-      x, wu, wd, backend="tpu", interpret=params, return_stats=True, **TPU_TILES)
+      x, wu, wd, interpret=params, return_stats=True, **VARIANTS["tpu"])
   got = jax.jit(jax.grad(loss_of(fn), argnums=(0, 1, 2)))(*args)
   out = jax.jit(fn)(*args)[0]
   for a, b in zip(got, _ref_grad(*args)):
@@ -298,34 +309,47 @@ def _lower(fn, args, platform):
   return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
+# The benchmark shapes (abstract: nothing is allocated), bf16 with the production tiles,
+# and the odd test shapes in f32 with the test tiles.
+LOWER_CASES = [
+    ("batched", jnp.bfloat16, (16384, 2048, 8192), False),
+    ("decode", jnp.bfloat16, (8, 2048, 8192), False),
+    ("odd_f32", jnp.float32, (T, D, F), True),
+]
+
+
+def _abstract(dtype, t, d, f):
+  return [jax.ShapeDtypeStruct(s, dtype) for s in ((t, d), (d, f), (f, d))]
+
+
 @pytest.mark.parametrize("up_impl", ["xla", "pallas"])
 def test_cross_lowering_cuda(up_impl):
-  """Real Pallas -> Triton lowering (tile sizes, power-of-2 shapes, gathers, loops) of the
-  forward and backward at the production tiles, bf16, and at the test tiles, f32."""
-  for dtype, t, d, f, tiles in ((jnp.bfloat16, 1000, 256, 1024, {}),
-                                (jnp.float32, T, D, F, GPU_TILES)):
-    args = make_inputs(80, 0.9, dtype, t=t, d=d, f=f)
+  """Real Pallas -> Triton lowering (power-of-2 tiles, gathers, dynamic loops, aliasing)
+  of the forward and backward, with the dense fallback's lax.cond."""
+  for name, dtype, (t, d, f), small in LOWER_CASES:
+    tiles = GPU_TILES if small else {}
     fn = lambda x, wu, wd: sparse_ffn.sparse_relu_ffn(  # noqa: E731
-        x, wu, wd, backend="gpu", up_impl=up_impl, return_stats=True,
-        dense_threshold=0.6, **tiles)
-    txt = _lower(jax.grad(loss_of(fn), argnums=(0, 1, 2)), args, "cuda")
+        x, wu, wd, backend="gpu", up_impl=up_impl, return_stats=True, **tiles)
+    txt = _lower(jax.grad(loss_of(fn), argnums=(0, 1, 2)), _abstract(dtype, t, d, f), "cuda")
     names = set(re.findall(r"sparse_ffn_\w+", txt))
     want = {"sparse_ffn_gather_matmul", "sparse_ffn_sddmm", "sparse_ffn_block_t_matmul"}
     if up_impl == "pallas":
       want.add("sparse_ffn_up_relu")
-    assert want <= names, names
+    assert want <= names, (name, names)
     assert "__gpu$xla.gpu.triton" in txt
 
 
 def test_cross_lowering_tpu():
   """Real Pallas -> Mosaic lowering ((8, 128) blocks, scalar prefetch, dynamic grid)."""
-  for dtype, t, d, f, tiles in ((jnp.bfloat16, 1000, 256, 1024, {}),
-                                (jnp.float32, T, D, F, TPU_TILES)):
-    args = make_inputs(81, 0.9, dtype, t=t, d=d, f=f)
+  for name, dtype, (t, d, f), small in LOWER_CASES:
+    tiles = TPU_TILES if small else {}
     fn = lambda x, wu, wd: sparse_ffn.sparse_relu_ffn(  # noqa: E731
-        x, wu, wd, backend="tpu", return_stats=True, dense_threshold=0.6, **tiles)
-    txt = _lower(jax.grad(loss_of(fn), argnums=(0, 1, 2)), args, "tpu")
-    assert txt.count("tpu_custom_call") >= 5, txt.count("tpu_custom_call")
+        x, wu, wd, backend="tpu", return_stats=True, **tiles)
+    txt = _lower(jax.grad(loss_of(fn), argnums=(0, 1, 2)), _abstract(dtype, t, d, f), "tpu")
+    names = set(re.findall(r"sparse_ffn_\w+", txt))
+    assert {"sparse_ffn_rowlist_matmul", "sparse_ffn_sddmm",
+            "sparse_ffn_collist_t_matmul"} <= names, (name, names)
+    assert "tpu_custom_call" in txt
 
 
 def test_tile_constraints_rejected():
@@ -348,10 +372,21 @@ def test_package_is_independent_of_bltjax():
 
 def test_bench_small_runs(tmp_path, capsys):
   results = tmp_path / "RESULTS.md"
-  bench.main(["--small", "--results", str(results), "--iters", "1"])
+  argv = ["--small", "--results", str(results), "--sparsities", "0,0.95", "--random_at",
+          "0.95", "--variants", "sparse"]
+  bench.main(argv)
   out = capsys.readouterr().out
   assert "speedup" in out and "fwd+bwd" in out
   text = results.read_text()
-  assert "sparse_ffn" in text and "--small" in text
+  assert "## sparse_ffn" in text and "--small" in text and "git commit" in text
   rows = [line for line in text.splitlines() if line.startswith("| ") and "fwd" in line]
-  assert len(rows) >= 12
+  assert len(rows) == 2 * 3 * 2  # shapes x (2 structured + 1 random) x passes
+  assert all(len(r.split(" | ")) == 7 for r in rows)  # 6 columns + 1 kernel variant
+
+
+@pytest.mark.slow
+def test_bench_small_full(tmp_path):
+  """`python -m pallas_kernels.sparse_ffn.bench --small` as a user runs it (~1 min)."""
+  rows = bench.main(["--small", "--results", str(tmp_path / "R.md")])
+  assert len(rows) == 2 * (len(bench.SPARSITIES) + 1) * 2
+  assert all(len(r) == 9 for r in rows)  # sparse, auto, pallas_up
