@@ -45,6 +45,12 @@ class Checkpointer:
                               data=grain.checkpoint.CheckpointSave(data_iterator))
     self._manager.save(step, args=args, force=True)
 
+  def save_state(self, step: int, state: Any) -> None:
+    """Saves the state item alone, without a data iterator (e.g. `{"params": ...}` of a
+    converted model, which `restore_params` reads)."""
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)),
+                       force=True)
+
   def restore_state(self, step: int, abstract_state: Any) -> Any:
     """Restores the train state into `abstract_state` (ShapeDtypeStructs with shardings)."""
     return self._restore_tree(step, abstract_state, partial=False)
@@ -77,7 +83,13 @@ class Checkpointer:
 
 
 def read_config(workdir: str):
-  """The config a workdir was trained with (`<workdir>/config.json`)."""
+  """The config a workdir was trained with (`<workdir>/config.json`).
+
+  A relative `patcher.entropy_workdir` that names a directory inside `workdir` (a
+  converted model ships its entropy model as `<workdir>/entropy`) is resolved against
+  `workdir`; any other relative path stays relative to the current directory (as
+  `bltjax train` wrote it).
+  """
   from bltjax import configs  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -85,7 +97,29 @@ def read_config(workdir: str):
         f"{path} does not exist: {workdir!r} is not a bltjax workdir; pass the --workdir of "
         "a `bltjax train` run")
   with open(path, encoding="utf-8") as f:
-    return configs.from_json(f.read())
+    config = configs.from_json(f.read())
+  entropy_workdir = config.get("patcher", {}).get("entropy_workdir", "")
+  if entropy_workdir and not os.path.isabs(entropy_workdir):
+    inside = os.path.join(workdir, entropy_workdir)
+    if os.path.isdir(inside):
+      config.patcher.entropy_workdir = os.path.normpath(inside)
+  return config
+
+
+def save_params(workdir: str, params: Any, *, step: int = 0) -> str:
+  """Writes params alone as `<workdir>/checkpoints/<step>/state` (no optimizer state).
+
+  The state item is the PyTree `{"params": params}`, saved with the handler of
+  `Checkpointer`, so `load_params` (a partial restore of `params`) reads it like a
+  training checkpoint. Used for converted models. Returns the checkpoint directory.
+  """
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
+  try:
+    ckpt.save_state(step, {"params": params})
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  return os.path.join(workdir, "checkpoints", str(step))
 
 
 def load_params(workdir: str, abstract_params: Any, *, step: int | None = None):

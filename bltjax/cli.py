@@ -1,4 +1,4 @@
-"""Command line: `bltjax train|eval|patch|calibrate|params|demo`.
+"""Command line: `bltjax train|eval|patch|calibrate|params|convert|demo`.
 
 Every command that reads an experiment file takes `--config FILE[:arg]` and any number
 of `--config.section.key=value` overrides. Errors a user can fix are printed as one
@@ -97,6 +97,20 @@ def cmd_params(args, overrides):
     print(f"{name:>18s}  {count / 1e6:12.3f} M")
 
 
+def cmd_convert(args, overrides):
+  from bltjax import convert  # pylint: disable=g-import-not-at-top
+  if overrides:
+    raise configs.ConfigError("bltjax convert takes no --config.* overrides; override them "
+                              "when you train or evaluate the converted model")
+  result = convert.convert(args.hf, args.out, entropy_dir=args.entropy)
+  plan = result.plan
+  print(f"converted {result.tensors} tensors of {args.hf} into {args.out}: BLT "
+        f"(local {plan.encoder['d_model']}, global {plan.global_model['d_model']}, "
+        f"cross_attn_k {plan.cross_attn_k}) + entropy model "
+        f"({os.path.join(args.out, convert.ENTROPY_SUBDIR)}), threshold {plan.threshold}, "
+        f"max_patch_len {plan.max_patch_len}")
+
+
 def cmd_demo(args, overrides):
   """Trains the tiny entropy model, calibrates its patcher and patches a sample text."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("params", help="parameter counts per component of a config")
   p.add_argument("--config", required=True)
   p.set_defaults(fn=cmd_params)
+
+  p = sub.add_parser("convert", help="import a Hugging Face BLT checkpoint (BltForCausalLM)")
+  p.add_argument("--hf", required=True,
+                 help="Hugging Face checkpoint directory (config.json + *.safetensors)")
+  p.add_argument("--out", required=True, help="new bltjax model directory to write")
+  p.add_argument("--entropy", default=None,
+                 help="directory of the entropy model, when --hf does not hold model.patcher.*")
+  p.set_defaults(fn=cmd_convert)
 
   p = sub.add_parser("demo", help="the quick-start job: train, calibrate and patch")
   p.add_argument("--workdir", default="runs/demo")
