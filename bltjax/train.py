@@ -194,12 +194,14 @@ def _first_non_finite(pending: list[dict[str, jax.Array]], first_step: int):
   return None
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *,
-          progress: bool | None = None) -> dict[str, float]:
-  """Trains (or resumes) the run in `workdir`; returns the last validation metrics."""
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | None = None,
+          devices=None) -> dict[str, float]:
+  """Trains (or resumes) the run in `workdir`; returns the last validation metrics.
+
+  `devices`: the devices of the mesh (default: all)."""
   tcfg = config.train
   check_workdir_config(workdir, config)
-  trainer = Trainer(config, workdir)
+  trainer = Trainer(config, workdir, devices)
   is_main = jax.process_index() == 0
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep,
                                      async_save=tcfg.async_checkpoint)
@@ -230,7 +232,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   writer.print(
       f"bltjax train: process {jax.process_index()}/{jax.process_count()}, "
-      f"{jax.device_count()} devices ({jax.devices()[0].device_kind}), mesh "
+      f"{trainer.mesh.size} devices ({jax.devices()[0].device_kind}), mesh "
       f"{dict(trainer.mesh.shape)}, {n_params / 1e6:.2f}M params, workdir {workdir}, "
       + (f"resuming at step {start_step}" if start_step else "starting at step 0"))
   peak = flops.peak_flops(jax.devices()[0].device_kind)
@@ -274,7 +276,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           row["step_time"] = step_time
           row["bytes_per_s"] = tcfg.batch_size * tcfg.seq_len / step_time
           if peak:
-            row["mfu"] = step_flops / step_time / (peak * jax.device_count())
+            row["mfu"] = step_flops / step_time / (peak * trainer.mesh.size)
         writer.write(done, row)
         pending, pending_start = [], done
         window_start_time, window_steps = time.perf_counter(), 0

@@ -5,6 +5,11 @@ import os
 os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# 8 fake devices share 2 cores: a loaded machine must not trip XLA's 40 s collective
+# rendezvous timeout (it aborts the process).
+os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_seconds=900"
+                            " --xla_cpu_collective_timeout_seconds=900"
+                            " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -33,6 +38,30 @@ def tiny_corpus(tmp_path_factory):
   return str(directory)
 
 
+@pytest.fixture(scope="session")
+def package_corpus(tmp_path_factory):
+  """The `email` package's 20 modules (~400 KB): enough documents for a held-out split."""
+  directory = tmp_path_factory.mktemp("email_corpus")
+  package = os.path.join(sysconfig.get_paths()["stdlib"], "email")
+  for name in sorted(os.listdir(package)):
+    if name.endswith(".py"):
+      shutil.copy(os.path.join(package, name), directory / name)
+  return str(directory)
+
+
+def unigram_bpb(data_config, split="valid") -> float:
+  """Entropy (bits) of the byte distribution of a split: what a model must beat."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from bltjax import data  # pylint: disable=g-import-not-at-top
+  source = data.split_source(data_config, split)
+  counts = np.zeros(256)
+  for i in range(len(source.lengths)):
+    counts += np.bincount(np.frombuffer(source.read(i, 0, int(source.lengths[i])), np.uint8),
+                          minlength=256)
+  p = counts[counts > 0] / counts.sum()
+  return float(-(p * np.log2(p)).sum())
+
+
 def tiny_entropy_config(corpus: str, **overrides):
   """The runlocal entropy config on `corpus`, with `section.key=value` overrides."""
   from bltjax import configs  # pylint: disable=g-import-not-at-top
@@ -53,3 +82,10 @@ def tiny_blt_config(corpus: str, variant: str = "static", **overrides):
   for key, value in overrides.items():
     configs.set_value(config, key.replace("__", "."), value)
   return config
+
+
+def train_on_one_device(config, workdir):
+  """`bltjax.train.train` on a 1-device mesh (tests of sharding use all 8 devices)."""
+  import jax  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  from bltjax import train  # pylint: disable=g-import-not-at-top
+  return train.train(config, str(workdir), progress=False, devices=jax.devices()[:1])

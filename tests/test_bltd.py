@@ -10,7 +10,7 @@ from bltjax import diffusion
 from bltjax import objectives
 from bltjax import train
 from bltjax.model import attention
-from conftest import tiny_blt_config
+from conftest import tiny_blt_config, train_on_one_device, unigram_bpb
 
 
 def _batch(seed, batch=2, length=48):
@@ -133,16 +133,14 @@ def test_chunked_noisy_attention_equals_the_dense_two_range_mask(window, length)
 
 
 @pytest.mark.slow
-def test_tiny_bltd_learns_far_below_the_unigram_bpb(tiny_corpus, tmp_path):
-  config = tiny_blt_config(tiny_corpus, "static,bltd4", train__steps=300, train__log_every=50,
-                           train__eval_every=0, train__save_every=300, train__eval_batches=4,
-                           train__seq_len=128, optim__lr=3e-3, optim__warmup_steps=20)
+def test_tiny_bltd_learns_far_below_the_unigram_bpb(package_corpus, tmp_path):
+  config = tiny_blt_config(package_corpus, "static,bltd4", train__steps=300,
+                           train__log_every=100, train__eval_every=0, train__save_every=300,
+                           train__eval_batches=0, train__seq_len=128, optim__lr=3e-3,
+                           optim__warmup_steps=20, data__valid_fraction=0.2)
   config.model.blt.encoder.window = 64
   config.model.blt.decoder.window = 64
-  result = train.train(config, str(tmp_path / "bltd"), progress=False)
-  data = b"".join(open(f"{tiny_corpus}/{name}", "rb").read() for name in
-                  sorted(__import__("os").listdir(tiny_corpus)))
-  counts = np.bincount(np.frombuffer(data, np.uint8), minlength=256).astype(float)
-  p = counts[counts > 0] / counts.sum()
-  unigram_bpb = float(-(p * np.log2(p)).sum())
-  assert result["bpb"] < 0.8 * unigram_bpb, (result["bpb"], unigram_bpb)
+  result = train_on_one_device(config, str(tmp_path / "bltd"))
+  unigram = unigram_bpb(config.data)
+  # Measured: ~3.2 bpb against a unigram entropy of ~4.7 bits after 300 steps.
+  assert result["bpb"] < 0.8 * unigram, (result["bpb"], unigram)

@@ -9,7 +9,7 @@ import pytest
 from bltjax import configs
 from bltjax import metrics
 from bltjax import train
-from conftest import tiny_entropy_config
+from conftest import tiny_entropy_config, train_on_one_device
 
 
 def _losses(workdir):
@@ -21,14 +21,14 @@ def test_resume_continues_with_exactly_the_losses_of_a_straight_run(tiny_corpus,
   overrides = dict(train__steps=6, train__log_every=1, train__save_every=3,
                    train__eval_every=0, train__eval_batches=1)
   straight = str(tmp_path / "straight")
-  train.train(tiny_entropy_config(tiny_corpus, **overrides), straight, progress=False)
+  train_on_one_device(tiny_entropy_config(tiny_corpus, **overrides), straight)
 
   resumed = str(tmp_path / "resumed")
-  train.train(tiny_entropy_config(tiny_corpus, **dict(overrides, train__steps=3)), resumed,
-              progress=False)
+  train_on_one_device(tiny_entropy_config(tiny_corpus, **dict(overrides, train__steps=3)),
+                      resumed)
   assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["3"]
   # Same command with the full step count: resumes at 3 (the schedule is that of 6 steps).
-  train.train(tiny_entropy_config(tiny_corpus, **overrides), resumed, progress=False)
+  train_on_one_device(tiny_entropy_config(tiny_corpus, **overrides), resumed)
 
   a, b = _losses(straight), _losses(resumed)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
@@ -41,7 +41,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_corpus, t
                                train__save_every=1, train__eval_every=0,
                                optim__lr=1e30, optim__warmup_steps=0, optim__clip_norm=0.0)
   with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step") as info:
-    train.train(config, workdir, progress=False)
+    train_on_one_device(config, workdir)
   saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
   bad_step = int(str(info.value).split(" at step ")[1].split(";")[0])
   assert saved and max(saved) < bad_step
@@ -50,16 +50,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_corpus, t
 
 def test_workdir_of_another_model_is_refused(tiny_corpus, tmp_path):
   workdir = str(tmp_path / "run")
-  train.train(tiny_entropy_config(tiny_corpus, train__steps=1, train__eval_every=0),
-              workdir, progress=False)
+  train_on_one_device(tiny_entropy_config(tiny_corpus, train__steps=1, train__eval_every=0),
+                      workdir)
   other = tiny_entropy_config(tiny_corpus, train__steps=2, model__entropy__d_model=64)
   with pytest.raises(configs.ConfigError, match="another model"):
-    train.train(other, workdir, progress=False)
+    train_on_one_device(other, workdir)
 
 
 def test_workdir_records_config_metrics_and_tensorboard(tiny_corpus, tmp_path):
   workdir = str(tmp_path / "run")
-  result = train.train(tiny_entropy_config(tiny_corpus), workdir, progress=False)
+  result = train_on_one_device(tiny_entropy_config(tiny_corpus), workdir)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["model"]["kind"] == "entropy"
   rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
