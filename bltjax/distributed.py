@@ -9,7 +9,8 @@ one of three modes from the environment:
   `gketpu`, `ompi`, `mpi4py`): `jax.distributed.initialize()` detects the rest
   (`launch/tpu_pod.sh`, `launch/slurm_gpu.sbatch`). `JAX_COORDINATOR_PORT` overrides the
   detected port (Cloud TPU: 8476, see jax#35905). Without `BLTJAX_DISTRIBUTED`, a task
-  of a multi-task `srun` step and a multi-worker TPU environment are detected too.
+  of a multi-task `srun` step (`SLURM_STEP_NUM_TASKS > 1`) and a multi-worker TPU
+  environment (`TPU_WORKER_HOSTNAMES` with several hosts) are detected too.
 - single process: none of the above (or `BLTJAX_DISTRIBUTED=off`): nothing happens.
 
 `BLTJAX_INIT_TIMEOUT` (seconds, default 300) bounds the rendezvous; raise it for large
@@ -57,6 +58,13 @@ def _int_var(env: Mapping[str, str], name: str) -> int:
     raise DistributedError(f"{name}={env[name]!r} is not an integer") from None
 
 
+def _int_or(text: str | None, default: int) -> int:
+  try:
+    return int(text) if text else default
+  except ValueError:
+    return default
+
+
 def plan_from_env(env: Mapping[str, str] | None = None) -> Plan:
   """Reads the environment (default `os.environ`) into a `Plan`; starts nothing."""
   env = os.environ if env is None else env
@@ -96,27 +104,23 @@ def plan_from_env(env: Mapping[str, str] | None = None) -> Plan:
     if num == 1:
       return Plan("single", timeout_s=timeout)
     return Plan("explicit", env[COORDINATOR], num, pid, local_ids, timeout)
-  if _int_or(env.get("SLURM_NTASKS"), 1) > 1 and "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+  if _int_or(env.get("SLURM_STEP_NUM_TASKS"), 1) > 1 and "SLURM_PROCID" in env:
     return Plan("slurm", timeout_s=timeout)  # A task of a multi-task srun step.
   if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return Plan("auto", timeout_s=timeout)  # A multi-worker Cloud TPU slice.
   return Plan("single", timeout_s=timeout)
 
 
-def _int_or(text: str | None, default: int) -> int:
-  try:
-    return int(text) if text else default
-  except ValueError:
-    return default
-
-
 def startup_line(coordinator: str | None = None) -> str:
   """One line about this process: index, host, local and global devices."""
   local = jax.local_devices()
   where = f" (coordinator {coordinator})" if coordinator else ""
+  kind = local[0].platform
+  if local[0].device_kind.lower() != kind:
+    kind += f", {local[0].device_kind}"
   return (f"bltjax: process {jax.process_index()}/{jax.process_count()} on "
           f"{socket.gethostname()}{where}: {len(local)} local / {jax.device_count()} "
-          f"global devices ({local[0].platform}, {local[0].device_kind})")
+          f"global devices ({kind})")
 
 
 def initialize(env: Mapping[str, str] | None = None, *, timeout_s: int | None = None,

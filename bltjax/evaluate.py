@@ -28,6 +28,7 @@ import jax
 from bltjax import checkpoint
 from bltjax import configs
 from bltjax import sharding
+from bltjax import train
 from bltjax.data import sources
 
 
@@ -64,7 +65,8 @@ def default_name(data: str) -> str:
   parts = []
   for item in (p.strip() for p in data.split(",") if p.strip()):
     base = os.path.basename(os.path.normpath(os.path.expanduser(item)))
-    parts.append(os.path.splitext(base)[0] if os.path.isfile(item) else base)
+    keep = glob.has_magic(base) or os.path.isdir(item)
+    parts.append(base if keep else os.path.splitext(base)[0])
   name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", "+".join(parts)).strip("._")
   return name[:80] or "eval"
 
@@ -101,7 +103,8 @@ def eval_config(workdir: str, *, seq_len: int | None = None, batch_size: int | N
 
 def evaluate_workdir(workdir: str, data: str, *, seq_len: int | None = None,
                      batch_size: int | None = None, max_batches: int | None = None,
-                     overrides: Sequence[str] = (), step: int | None = None) -> EvalResult:
+                     overrides: Sequence[str] = (), step: int | None = None,
+                     devices=None) -> EvalResult:
   """Bits per byte of `workdir`'s latest (or given) checkpoint on each file of `data`.
 
   Args:
@@ -114,12 +117,12 @@ def evaluate_workdir(workdir: str, data: str, *, seq_len: int | None = None,
     max_batches: at most this many batches per file (default: all of each file).
     overrides: `--config.section.key=value` strings (e.g. another `mesh`).
     step: a checkpoint step (default: the latest).
+    devices: the devices of the mesh (default: all).
 
   Raises:
     EvalError, FileNotFoundError: no such workdir or checkpoint, data matching nothing,
       or sizes the mesh cannot split.
   """
-  from bltjax import train  # pylint: disable=g-import-not-at-top
   if max_batches is not None and max_batches < 1:
     raise EvalError(f"--max_batches={max_batches} must be >= 1")
   if not os.path.isdir(workdir):
@@ -132,7 +135,7 @@ def evaluate_workdir(workdir: str, data: str, *, seq_len: int | None = None,
     raise EvalError(f"{workdir} has no checkpoints yet; train it first (bltjax train "
                     f"--workdir {workdir} ...)")
   try:
-    trainer = train.Trainer(config, workdir)
+    trainer = train.Trainer(config, workdir, devices)
   except sharding.ShardingError as e:
     raise EvalError(f"{e} (for bltjax eval: pass --batch_size or --config.mesh.*)") from None
   params, step = checkpoint.load_params(workdir, trainer.abstract_state.params, step=step)

@@ -50,4 +50,4 @@ def test_override_without_value_and_missing_file_are_errors():
 
 def test_config_round_trips_through_json():
   config = configs.load(EXPERIMENT)
-  assert configs.from_json(configs.to_json(config)).to_dict() == config.to_dict()
+  assert configs.to_json(configs.from_json(configs.to_json(config))) == configs.to_json(config)

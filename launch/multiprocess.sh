@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Runs a bltjax command as N local CPU processes joined by jax.distributed.
+#
+# This is the multi-host code path on one machine: each process sees its own fake CPU
+# devices and takes its rows of every global batch; process 0 writes the logs.
+#
+# Usage:
+#   launch/multiprocess.sh N [options] [COMMAND] [ARGS...]
+#
+#   launch/multiprocess.sh 2 --config experiments/entropy_tiny.py --workdir runs/mp2
+#   launch/multiprocess.sh 4 --devices_per_process=2 eval --workdir runs/mp2 --data notes.txt
+#
+# Arguments:
+#   N                        number of processes (>= 1)
+#   COMMAND                  a bltjax command (default: train); ARGS go to it unchanged
+# Options (anywhere on the line, `--opt=value` or `--opt value`):
+#   --devices_per_process=D  CPU devices per process (JAX_NUM_CPU_DEVICES; default 4)
+#   --port=P                 coordinator port on 127.0.0.1 (default: a free port)
+#   --log_dir=DIR            logs process_<i>.log (default: <workdir>/logs, else ./logs)
+#   --timeout=S              stop every process after S seconds (default 0: no limit)
+#   --dry_run                print the N commands and exit
+# Environment:
+#   PYTHON                   the interpreter (default: python3)
+#
+# Process 0's log is echoed to stdout. Exit status: 0 when every process exits 0; else
+# the status of the first one that fails (the others are stopped), 124 on --timeout.
+set -euo pipefail
+
+NAME="multiprocess.sh"
+die() { echo "$NAME: error: $*" >&2; exit 2; }
+# Shell-quotes each argument (only where needed), so printed commands can be pasted.
+quote() {
+  local out="" a
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then out+="$a "; else out+="'${a//\'/\'\\\'\'}' "; fi
+  done
+  echo "${out% }"
+}
+
+[[ $# -ge 1 ]] || die "missing N; usage: launch/multiprocess.sh N [options] [COMMAND] [ARGS...]"
+N="$1"; shift
+[[ "$N" =~ ^[1-9][0-9]*$ ]] || die "N must be a positive number of processes, got '$N'"
+
+PYTHON="${PYTHON:-python3}"
+DEVICES=4 PORT="" LOG_DIR="" TIMEOUT=0 DRY_RUN=0 WORKDIR=""
+ARGS=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --devices_per_process=*) DEVICES="${1#*=}" ;;
+    --devices_per_process) DEVICES="${2:?--devices_per_process needs a value}"; shift ;;
+    --port=*) PORT="${1#*=}" ;;
+    --port) PORT="${2:?--port needs a value}"; shift ;;
+    --log_dir=*) LOG_DIR="${1#*=}" ;;
+    --log_dir) LOG_DIR="${2:?--log_dir needs a value}"; shift ;;
+    --timeout=*) TIMEOUT="${1#*=}" ;;
+    --timeout) TIMEOUT="${2:?--timeout needs a value}"; shift ;;
+    --dry_run) DRY_RUN=1 ;;
+    --workdir=*) WORKDIR="${1#*=}"; ARGS+=("$1") ;;
+    --workdir) WORKDIR="${2:-}"; ARGS+=("$1" "${2:-}"); shift ;;
+    *) ARGS+=("$1") ;;
+  esac
+  shift
+done
+[[ "$DEVICES" =~ ^[1-9][0-9]*$ ]] || die "--devices_per_process must be >= 1, got '$DEVICES'"
+[[ "$TIMEOUT" =~ ^[0-9]+$ ]] || die "--timeout must be a number of seconds, got '$TIMEOUT'"
+[[ -z "$PORT" || "$PORT" =~ ^[0-9]+$ ]] || die "--port must be a number, got '$PORT'"
+if [[ ${#ARGS[@]} -eq 0 || "${ARGS[0]}" == -* ]]; then
+  ARGS=(train "${ARGS[@]}")
+fi
+[[ -n "$LOG_DIR" ]] || LOG_DIR="${WORKDIR:+$WORKDIR/}logs"
+
+command -v "$PYTHON" >/dev/null 2>&1 \
+  || die "python interpreter '$PYTHON' not found; activate the venv or set PYTHON=/path/to/python"
+if [[ -z "$PORT" ]]; then
+  PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+fi
+
+# The command line of process $1 (as an array in CMD).
+process_command() {
+  CMD=(env "BLTJAX_COORDINATOR=127.0.0.1:$PORT" "BLTJAX_NUM_PROCESSES=$N"
+       "BLTJAX_PROCESS_ID=$1" "JAX_NUM_CPU_DEVICES=$DEVICES" JAX_PLATFORMS=cpu
+       "$PYTHON" -m bltjax.cli "${ARGS[@]}")
+}
+
+if [[ $DRY_RUN -eq 1 ]]; then
+  for ((i = 0; i < N; i++)); do
+    process_command "$i"
+    echo "$(quote "${CMD[@]}") > $(quote "$LOG_DIR/process_$i.log") 2>&1 &"
+  done
+  echo "wait"
+  exit 0
+fi
+
+"$PYTHON" -c "import bltjax" 2>/dev/null \
+  || die "$PYTHON cannot import bltjax; run 'pip install -e .' in the repository (or set PYTHON)"
+mkdir -p "$LOG_DIR"
+
+PIDS=()
+TAIL_PID=""
+stop_all() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    local alive=0
+    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [[ $alive -eq 0 ]] && break
+    sleep 0.5
+  done
+  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  [[ -z "$TAIL_PID" ]] || kill "$TAIL_PID" 2>/dev/null || true
+}
+trap 'stop_all; exit 130' INT
+trap 'stop_all; exit 143' TERM
+
+echo "$NAME: $N processes x $DEVICES CPU devices, coordinator 127.0.0.1:$PORT, logs in $LOG_DIR"
+for ((i = 0; i < N; i++)); do
+  process_command "$i"
+  "${CMD[@]}" >"$LOG_DIR/process_$i.log" 2>&1 &
+  PIDS+=("$!")
+done
+if tail --pid="$$" --version >/dev/null 2>&1; then  # GNU tail: follow process 0's log.
+  tail -n +1 -F --pid="${PIDS[0]}" "$LOG_DIR/process_0.log" 2>/dev/null &
+  TAIL_PID=$!
+fi
+
+STATUS=0
+declare -A DONE=()
+while [[ ${#DONE[@]} -lt $N ]]; do
+  for ((i = 0; i < N; i++)); do
+    [[ -n "${DONE[$i]:-}" ]] && continue
+    kill -0 "${PIDS[$i]}" 2>/dev/null && continue
+    rc=0; wait "${PIDS[$i]}" || rc=$?
+    DONE[$i]=$rc
+    if [[ $rc -ne 0 && $STATUS -eq 0 ]]; then
+      STATUS=$rc
+      echo "$NAME: process $i failed (exit $rc); stopping the others. Its log" \
+           "($LOG_DIR/process_$i.log) ends with:" >&2
+      tail -n 20 "$LOG_DIR/process_$i.log" >&2 || true
+      stop_all
+    fi
+  done
+  if [[ $TIMEOUT -gt 0 && $SECONDS -ge $TIMEOUT && $STATUS -eq 0 && ${#DONE[@]} -lt $N ]]; then
+    echo "$NAME: --timeout=$TIMEOUT s reached; stopping every process" >&2
+    STATUS=124
+    stop_all
+  fi
+  [[ ${#DONE[@]} -lt $N ]] && sleep 0.2
+done
+if [[ -n "$TAIL_PID" ]]; then
+  wait "$TAIL_PID" 2>/dev/null || true
+else
+  cat "$LOG_DIR/process_0.log"
+fi
+exit "$STATUS"

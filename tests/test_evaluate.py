@@ -1,0 +1,105 @@
+"""`bltjax eval`: bits per byte of a trained workdir, per file and overall."""
+
+import json
+import os
+import shutil
+
+import jax
+import pytest
+
+from bltjax import cli
+from bltjax import evaluate
+from conftest import tiny_blt_config, tiny_entropy_config, train_on_one_device
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny_corpus, tmp_path_factory):
+  """A tiny entropy model trained for 2 steps (one checkpoint)."""
+  path = str(tmp_path_factory.mktemp("eval") / "run")
+  config = tiny_entropy_config(tiny_corpus, train__steps=2, train__save_every=2,
+                               train__eval_every=0, train__eval_batches=1)
+  train_on_one_device(config, path)
+  return path
+
+
+def test_bpb_per_file_and_overall(workdir, tiny_corpus):
+  a, b = (os.path.join(tiny_corpus, name) for name in ("bisect.py", "heapq.py"))
+  result = evaluate.evaluate_workdir(workdir, f"{a},{b}")
+  assert result.step == 2 and [r.file for r in result.files] == [a, b]
+  # Every byte of a one-document file is predicted once, plus its end marker.
+  assert [r.bytes for r in result.files] == [os.path.getsize(a) + 1, os.path.getsize(b) + 1]
+  assert result.bytes == sum(r.bytes for r in result.files)
+  weighted = sum(r.bpb * r.bytes for r in result.files) / result.bytes
+  assert result.bpb == pytest.approx(weighted, rel=1e-12)
+  assert 0 < result.bpb < 9
+  # Files are scored independently, and a different file gives a different number.
+  alone = evaluate.evaluate_workdir(workdir, a)
+  assert alone.bpb == pytest.approx(result.files[0].bpb, rel=1e-6)
+  assert abs(result.files[0].bpb - result.files[1].bpb) > 1e-3
+
+
+def test_same_text_as_jsonl_gives_the_same_bpb(workdir, tiny_corpus, tmp_path):
+  text_file = os.path.join(tiny_corpus, "bisect.py")
+  with open(text_file, encoding="utf-8") as f:
+    text = f.read()
+  jsonl = tmp_path / "bisect.jsonl"
+  jsonl.write_text(json.dumps({"text": text}) + "\n")
+  as_text = evaluate.evaluate_workdir(workdir, text_file)
+  as_jsonl = evaluate.evaluate_workdir(workdir, str(jsonl))
+  assert as_jsonl.bytes == as_text.bytes
+  assert as_jsonl.bpb == pytest.approx(as_text.bpb, rel=1e-6)
+
+
+def test_cli_prints_a_table_and_writes_json(workdir, tiny_corpus, capsys):
+  data = os.path.join(tiny_corpus, "*.py")
+  assert cli.main(["eval", "--workdir", workdir, "--data", data, "--max_batches", "2",
+                   "--seq_len", "64", "--batch_size", "8", "--name", "stdlib"]) == 0
+  out = capsys.readouterr().out
+  assert "overall" in out and "heapq.py" in out and "at step 2" in out
+  with open(os.path.join(workdir, "eval", "stdlib.json")) as f:
+    report = json.load(f)
+  assert len(report["files"]) == 5 and report["seq_len"] == 64 and report["max_batches"] == 2
+  # 2 batches x 8 rows x 64 bytes per file at most (the files are longer).
+  assert all(r["bytes"] == 2 * 8 * 64 for r in report["files"])
+  assert report["bytes"] == 5 * 2 * 8 * 64
+  # The default name comes from --data.
+  assert cli.main(["eval", "--workdir", workdir, "--data",
+                   os.path.join(tiny_corpus, "bisect.py"), "--max_batches", "1"]) == 0
+  assert os.path.exists(os.path.join(workdir, "eval", "bisect.json"))
+
+
+def test_workdir_without_checkpoints_is_a_clear_error(workdir, tiny_corpus, tmp_path, capsys):
+  empty = tmp_path / "untrained"
+  empty.mkdir()
+  shutil.copy(os.path.join(workdir, "config.json"), empty / "config.json")
+  with pytest.raises(evaluate.EvalError, match="has no checkpoints yet; train it first"):
+    evaluate.evaluate_workdir(str(empty), tiny_corpus)
+  assert cli.main(["eval", "--workdir", str(tmp_path / "nowhere"), "--data", tiny_corpus]) == 2
+  assert "does not exist; pass the --workdir of a `bltjax train` run" in capsys.readouterr().err
+
+
+def test_missing_data_is_a_clear_error(workdir, tmp_path, capsys):
+  missing = str(tmp_path / "missing.txt")
+  with pytest.raises(evaluate.EvalError, match="matches no files"):
+    evaluate.evaluate_workdir(workdir, missing)
+  assert cli.main(["eval", "--workdir", workdir, "--data", missing]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("bltjax: error: data path") and "--data takes" in err
+  assert len(err.strip().splitlines()) == 1
+
+
+def test_default_names():
+  assert evaluate.default_name(__file__) == "test_evaluate"
+  assert evaluate.default_name("/data/valid/,/x/notes.jsonl") == "valid+notes"
+  assert evaluate.default_name("/data/*.txt") == "txt"
+
+
+def test_eval_of_a_blt_workdir(tiny_corpus, tmp_path):
+  """Any model kind: a BLT goes through its objective's eval_sums the same way."""
+  config = tiny_blt_config(tiny_corpus, "static", train__steps=1, train__save_every=1,
+                           train__eval_every=0, train__eval_batches=1)
+  path = str(tmp_path / "blt")
+  train_on_one_device(config, path)
+  result = evaluate.evaluate_workdir(path, os.path.join(tiny_corpus, "bisect.py"),
+                                     max_batches=2, devices=jax.devices()[:1])
+  assert result.bytes == 2 * 8 * 48 and 0 < result.bpb < 12

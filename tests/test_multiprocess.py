@@ -1,0 +1,140 @@
+"""Multi-host training on one machine: N `jax.distributed` CPU processes on 127.0.0.1.
+
+A 2-process run (2 x 4 devices, via launch/multiprocess.sh) has the losses of the
+1-process run on 8 devices (same global batch), writes logs from process 0 only, and
+its checkpoint resumes with another process count and mesh, going on with the losses
+of the straight run, and `bltjax eval` on 2 processes gives the 1-process numbers.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bltjax import evaluate
+from bltjax import metrics
+from bltjax import train
+from conftest import REPO, tiny_entropy_config
+
+pytestmark = pytest.mark.multiprocess
+
+LAUNCHER = os.path.join(REPO, "launch", "multiprocess.sh")
+TIMEOUT_S = 150  # per launch; the launcher stops every process past it
+# 6 steps, a checkpoint every 3. Warmup is longer than 6 steps, so the learning rate
+# of a step does not depend on train.steps (3 or 6).
+OVERRIDES = dict(train__steps=6, train__log_every=1, train__save_every=3,
+                 train__eval_every=0, train__eval_batches=1)
+
+
+def _cli_overrides(corpus, **overrides):
+  args = [f"--config.data.train={corpus}", "--config.data.prefetch=0"]
+  return args + [f"--config.{k.replace('__', '.')}={v}" for k, v in overrides.items()]
+
+
+def launch(n, devices_per_process, args):
+  """Runs `launch/multiprocess.sh n ... args`; returns its stdout."""
+  env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if "xla_force_host_platform_device_count" not in f)
+  for name in [k for k in env if k.startswith("BLTJAX_")]:
+    del env[name]
+  cmd = ["bash", LAUNCHER, str(n), f"--devices_per_process={devices_per_process}",
+         f"--timeout={TIMEOUT_S}", *args]
+  # A session of its own: if the launcher hangs past its own timeout, the whole group
+  # (launcher and jax processes) is killed.
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, cwd=REPO, start_new_session=True)
+  try:
+    stdout, stderr = proc.communicate(timeout=TIMEOUT_S + 30)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate()
+  assert proc.returncode == 0, f"launcher exit {proc.returncode}:\n{stdout}\n{stderr}"
+  return stdout
+
+
+def _losses(workdir):
+  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def straight_losses(tiny_corpus, tmp_path_factory):
+  """Losses of steps 1..6 of the 1-process run on the 8 test devices."""
+  workdir = str(tmp_path_factory.mktemp("straight") / "run")
+  train.train(tiny_entropy_config(tiny_corpus, **OVERRIDES), workdir, progress=False)
+  return dict(_losses(workdir))
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_corpus, tmp_path_factory):
+  """A 2-process x 4-device run of steps 1..3 (checkpoint at 3): (workdir, stdout)."""
+  workdir = str(tmp_path_factory.mktemp("two_process") / "run")
+  stdout = launch(2, 4, ["train", "--config", "experiments/entropy_tiny.py:runlocal",
+                         "--workdir", workdir,
+                         *_cli_overrides(tiny_corpus, **dict(OVERRIDES, train__steps=3))])
+  return workdir, stdout
+
+
+def test_two_processes_match_one_process_and_only_process_0_writes(
+    two_process_run, straight_losses):
+  workdir, stdout = two_process_run
+  assert "process 0/2" in stdout and "8 global devices" in stdout
+  losses = _losses(workdir)
+  assert [s for s, _ in losses] == [1, 2, 3]  # one row per step: process 0 only
+  np.testing.assert_allclose([l for _, l in losses], [straight_losses[s] for s in (1, 2, 3)],
+                             rtol=1e-5)
+  with open(os.path.join(workdir, "logs", "process_1.log")) as f:
+    log_1 = f.read()
+  assert "process 1/2" in log_1 and "[train" not in log_1
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["kind"] == "entropy"
+  data_state = os.listdir(os.path.join(workdir, "checkpoints", "3", "data"))
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_state)
+
+
+def test_two_process_checkpoint_resumes_on_one_process_and_another_mesh(
+    two_process_run, straight_losses, tiny_corpus, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(two_process_run[0], workdir)
+  # 1 process x 8 devices, mesh data=4 x tensor=2 (was data=8): the grain state of 2
+  # processes does not apply, the iterator is positioned by the step.
+  train.train(tiny_entropy_config(tiny_corpus, mesh__data=4, mesh__tensor=2, **OVERRIDES),
+              workdir, progress=False)
+  losses = dict(_losses(workdir))
+  assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([losses[s] for s in (4, 5, 6)],
+                             [straight_losses[s] for s in (4, 5, 6)], rtol=1e-5)
+
+
+def test_eval_on_two_processes_equals_one_process(two_process_run, tiny_corpus):
+  workdir = two_process_run[0]
+  data = ",".join(os.path.join(tiny_corpus, n) for n in ("bisect.py", "heapq.py"))
+  launch(2, 4, ["eval", "--workdir", workdir, "--data", data, "--max_batches", "3",
+                "--name", "two_process"])
+  with open(os.path.join(workdir, "eval", "two_process.json")) as f:
+    report = json.load(f)
+  single = evaluate.evaluate_workdir(workdir, data, max_batches=3)
+  assert report["step"] == single.step == 3
+  assert [r["bytes"] for r in report["files"]] == [r.bytes for r in single.files]
+  np.testing.assert_allclose([r["bpb"] for r in report["files"]],
+                             [r.bpb for r in single.files], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_resumes_on_four_processes(
+    two_process_run, straight_losses, tiny_corpus, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(two_process_run[0], workdir)
+  launch(4, 2, ["train", "--config", "experiments/entropy_tiny.py:runlocal",
+                "--workdir", workdir, "--config.mesh.fsdp=2",
+                *_cli_overrides(tiny_corpus, **OVERRIDES)])
+  losses = dict(_losses(workdir))
+  assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([losses[s] for s in (4, 5, 6)],
+                             [straight_losses[s] for s in (4, 5, 6)], rtol=1e-5)
