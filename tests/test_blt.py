@@ -93,7 +93,7 @@ def test_each_byte_reads_the_global_output_of_the_last_complete_patch():
   spec = attention.CausalSpec(positions, jnp.ones((1, 8), jnp.int32), window=8)
 
   def full(module, global_out):
-    return module(states, positions, spec, module.patch_vectors(global_out), read)
+    return module(states, positions, spec, module.patch_vectors(global_out), read)[0]
 
   params = dec.init(jax.random.PRNGKey(2), global_out, method=full)
   logits = lambda params, global_out: dec.apply(params, global_out, method=full)

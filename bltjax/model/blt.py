@@ -106,10 +106,10 @@ class BLT(nn.Module):
                                               num_patches)
     if noisy is not None and cfg.noisy_embedding == "embedding":
       byte_states = jnp.concatenate([byte_states, noisy_x.astype(byte_states.dtype)], axis=1)
-    global_out = self.global_model(
+    global_out, _ = self.global_model(
         patch_vectors, patch_segments(segment_ids, patches.patch_ids, num_patches))
     slots = self.decoder.patch_vectors(global_out)
-    logits = self.decoder(byte_states, all_positions, dec_spec, slots, read)
+    logits, _ = self.decoder(byte_states, all_positions, dec_spec, slots, read)
     if noisy is None:
       return logits, None
     return logits[:, :length], logits[:, length:]

@@ -47,11 +47,11 @@ def pool_bytes_into_patches(q, k, v, patch_ids, num_patches: int):
     q_of_byte = jnp.take(qr, jnp.minimum(ids, num_patches - 1), axis=0)      # [L, c, H, D]
     scores = jnp.einsum("lchd,lhd->lch", q_of_byte, kr,
                         preferred_element_type=jnp.float32) * scale
-    smax = jax.ops.segment_max(scores, ids, num_segments=n, indices_are_sorted=True)
+    smax = jax.ops.segment_max(scores, ids, num_segments=n)
     weights = jnp.exp(scores - smax[ids]) * valid[:, None, None]
-    den = jax.ops.segment_sum(weights, ids, num_segments=n, indices_are_sorted=True)
+    den = jax.ops.segment_sum(weights, ids, num_segments=n)
     num = jax.ops.segment_sum(weights[..., None] * vr[:, None].astype(jnp.float32), ids,
-                              num_segments=n, indices_are_sorted=True)
+                              num_segments=n)
     den = den[:num_patches]
     out = num[:num_patches] / jnp.where(den > 0, den, 1.0)[..., None]
     return out.astype(v.dtype)

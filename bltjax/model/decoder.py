@@ -46,11 +46,14 @@ class LocalDecoder(nn.Module):
 
   def __call__(self, byte_states, positions, attention, patch_slots, read_patch):
     """byte_states `[B, T, d]`, patch_slots `[B, P, k, d]`, read_patch `[B, T]`
-    -> logits `[B, T, 260]` float32."""
+    -> (logits `[B, T, 260]` float32, per-layer (k, v)). `attention`: one spec, or one
+    per layer."""
     h = byte_states
     attend = cross_attention.ReadPatch(read_patch)
+    kvs = []
     for i, layer in enumerate(self.layers.layers):
       if i < len(self.cross):
         h = h + self.cross[i](h, patch_slots, attend)   # compat "blt": `x + (x + attn)`
-      h, _ = layer(h, positions, attention)
-    return self.head(self.norm(h)).astype(jnp.float32)
+      h, kv = layer(h, positions, attention[i] if isinstance(attention, tuple) else attention)
+      kvs.append(kv)
+    return self.head(self.norm(h)).astype(jnp.float32), kvs

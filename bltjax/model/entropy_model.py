@@ -15,16 +15,22 @@ class EntropyModel(nn.Module):
   """tokens `[batch, len]` -> next-byte logits `[batch, len, 260]` (float32)."""
   config: layers.TransformerConfig
 
-  @nn.compact
-  def __call__(self, tokens, segment_ids, positions=None):
+  def setup(self):
     cfg = self.config
+    self.embed = layers.Embed(blt_bytes.VOCAB_SIZE, cfg.d_model, cfg.compute_dtype)
+    self.transformer = layers.Transformer(cfg)
+    self.norm = layers.RMSNorm(cfg.norm_eps, cfg.compute_dtype)
+    self.lm_head = layers.Dense(blt_bytes.VOCAB_SIZE, ("embed", "vocab"), cfg.compute_dtype)
+
+  def __call__(self, tokens, segment_ids, positions=None):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    x = layers.Embed(blt_bytes.VOCAB_SIZE, cfg.d_model, cfg.compute_dtype, name="embed")(tokens)
-    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-    spec = attention.CausalSpec(positions, segment_ids, window=cfg.window)
-    x, _ = layers.Transformer(cfg, name="transformer")(x, positions, spec)
-    x = layers.RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="norm")(x)
-    logits = layers.Dense(blt_bytes.VOCAB_SIZE, ("embed", "vocab"), cfg.compute_dtype,
-                          name="lm_head")(x)
-    return logits.astype(jnp.float32)
+    spec = attention.CausalSpec(positions, segment_ids, window=self.config.window)
+    return self.forward(tokens, positions, spec)[0]
+
+  def forward(self, tokens, positions, spec):
+    """Logits and per-layer (k, v) under any attention spec (generation passes caches)."""
+    x = nn.with_logical_constraint(self.embed(tokens), ("batch", "length", "act_embed"))
+    x, kvs = self.transformer(x, positions, spec)
+    logits = self.lm_head(self.norm(x))
+    return logits.astype(jnp.float32), kvs

@@ -11,7 +11,7 @@ from bltjax.model.blt_config import BltConfig
 
 
 class GlobalTransformer(nn.Module):
-  """patch vectors `[B, P, k*d_local]` -> `[B, P, d_global]`.
+  """patch vectors `[B, P, k*d_local]` -> (`[B, P, d_global]`, per-layer (k, v)).
 
   A projection to d_global is added only when k*d_local != d_global (as the reference)."""
   config: BltConfig
@@ -33,5 +33,4 @@ class GlobalTransformer(nn.Module):
     if spec is None:
       spec = attention.CausalSpec(positions, patch_segments, window=0)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-    out, _ = self.transformer(x, positions, spec)
-    return out
+    return self.transformer(x, positions, spec)

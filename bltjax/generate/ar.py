@@ -1,0 +1,105 @@
+"""Cached autoregressive BLT decoding, and the slow uncached reference.
+
+Per byte: entropy-model step, encoder byte step, and (when the patcher closes a patch)
+encoder pooling plus one global step, then one decoder step (`Engine.extend` of one
+byte). The whole loop runs on device in `lax.while_loop`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bltjax import bytes as blt_bytes
+from bltjax.generate import sampling as sampling_lib
+from bltjax.generate.engine import Engine, GenState
+from bltjax.model import patcher as patcher_lib
+
+
+def emit(out, count, done, tokens, max_bytes: int):
+  """Appends `tokens` `[B, T]` (the first `n` of each row) to `out` `[B, max_bytes]`.
+
+  Returns (out, count, done, n_kept): a row stops after EOS or at max_bytes."""
+  width = tokens.shape[1]
+  idx = jnp.arange(width)[None]
+  is_eos = tokens == blt_bytes.EOS_ID
+  first_eos = jnp.min(jnp.where(is_eos, idx, width), axis=1)
+  n_keep = jnp.minimum(first_eos + 1, width)
+  n_keep = jnp.where(done, 0, jnp.minimum(n_keep, max_bytes - count))
+  rows = jnp.arange(tokens.shape[0])[:, None]
+  at = jnp.where(idx < n_keep[:, None], count[:, None] + idx, max_bytes)
+  out = out.at[rows, at].set(tokens, mode="drop")
+  kept_eos = jnp.any(is_eos & (idx < n_keep[:, None]), axis=1)
+  count = count + n_keep
+  done = done | kept_eos | (count >= max_bytes)
+  return out, count, done, n_keep
+
+
+def generate(engine: Engine, params, state: GenState, logits, *, max_bytes: int,
+             sampling: sampling_lib.SamplingConfig, rng):
+  """AR decoding from a prefilled state (`logits` `[B, V]` after the prompt).
+
+  Returns (state, out `[B, max_bytes]` ids, count `[B]`)."""
+  batch = logits.shape[0]
+
+  def cond(carry):
+    return ~jnp.all(carry[4])
+
+  def body(carry):
+    state, logits, out, count, done = carry
+    token = sampling_lib.choose(logits, state.length, rng, sampling)
+    out, count, done, n_keep = emit(out, count, done, token[:, None], max_bytes)
+    consume = jnp.where(done, 0, n_keep)
+    state, logits = jax.lax.cond(
+        jnp.any(consume > 0),
+        lambda s: _last(engine.extend(params, s, token[:, None], consume)),
+        lambda s: (s, logits), state)
+    return state, logits, out, count, done
+
+  out = jnp.zeros((batch, max_bytes), jnp.int32)
+  zeros = jnp.zeros((batch,), jnp.int32)
+  carry = (state, logits, out, zeros, jnp.zeros((batch,), bool))
+  state, _, out, count, _ = jax.lax.while_loop(cond, body, carry)
+  return state, out, count
+
+
+def _last(result):
+  state, logits = result
+  return state, logits[:, -1]
+
+
+def reference_greedy(blt_module, blt_params, patcher_config, entropy_fn, prompts, max_bytes):
+  """Ground truth: re-runs the whole model on the whole prefix for every byte (slow).
+
+  prompts: list of id arrays (BOS + bytes). `entropy_fn(tokens, segment_ids)` gives
+  entropies for entropy patching (None otherwise). Returns a list of generated id lists.
+  """
+  rows = [list(p) for p in prompts]
+  outputs = [[] for _ in rows]
+  done = [False] * len(rows)
+  forward = jax.jit(lambda params, tokens, patches: blt_module.apply(
+      {"params": params}, tokens, jnp.ones_like(tokens), patches)[0])
+  for _ in range(max_bytes):
+    if all(done):
+      break
+    width = max(len(r) for r in rows)
+    tokens = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+      tokens[i, :len(r)] = r
+    tokens = jnp.asarray(tokens)
+    segments = jnp.ones_like(tokens)   # one document per row: padding never cuts a patch
+    entropies = entropy_fn(tokens, segments) if entropy_fn is not None else None
+    config = dataclasses.replace(patcher_config, max_patches=width)
+    patches = patcher_lib.patch(config, tokens, segments, entropies)
+    logits = forward(blt_params, tokens, patches)
+    for i, r in enumerate(rows):
+      if done[i]:
+        continue
+      token = int(jnp.argmax(sampling_lib.output_logits(logits[i, len(r) - 1])))
+      outputs[i].append(token)
+      r.append(token)
+      done[i] = token == blt_bytes.EOS_ID
+  return outputs
