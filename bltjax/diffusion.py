@@ -351,26 +351,6 @@ def predictive_entropy(logits):
   return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
 
 
-def sample_tokens(logits, rng=None, *, temperature: float = 1.0, top_p: float = 1.0):
-  """Ids from logits `[..., V]` -> `[...]` int32; MASK is never chosen.
-
-  Greedy (argmax) when `rng` is None or `temperature == 0`; otherwise a sample from
-  softmax(logits / temperature) cut to the smallest top set of mass >= `top_p`
-  (nucleus; ties at the cut are kept). temperature and top_p are static.
-  """
-  logits = losses.suppress_mask_logit(logits)
-  if rng is None or temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  if top_p < 1.0:
-    probs = jax.nn.softmax(logits, axis=-1)
-    ordered = -jnp.sort(-probs, axis=-1)
-    mass_before = jnp.cumsum(ordered, axis=-1) - ordered
-    cut = jnp.min(jnp.where(mass_before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(probs >= cut, logits, -jnp.inf)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
-
-
 def _at_least_one(chosen, score, still_masked):
   """chosen | (the masked position of highest score), within still_masked."""
   best = jnp.argmax(jnp.where(still_masked, score, -jnp.inf), axis=-1)
@@ -378,28 +358,28 @@ def _at_least_one(chosen, score, still_masked):
   return still_masked & (chosen | is_best)
 
 
-def confidence_reveal(logits, still_masked, *, alpha, rng=None, temperature: float = 1.0,
-                      top_p: float = 1.0) -> Reveal:
+def confidence_reveal(logits, still_masked, *, alpha, tokens=None) -> Reveal:
   """Fast-dLLM confidence rule for one decoder step over a block.
 
-  Tokens are argmax (greedy) or sampled (`sample_tokens`: rng, temperature, top_p);
-  the confidence of a position is the model's probability (temperature 1, MASK
-  removed) of its token. Every still-masked position with confidence >= alpha is
-  revealed, and always the single most confident one (ties: the leftmost), so a step
-  reveals >= 1 position while any is masked. alpha > 1 reveals one per step, in
-  confidence order (B steps per block); alpha = 0 reveals the whole block at once.
+  The confidence of a position is the model's probability (MASK removed) of its token:
+  `tokens` if given (generation chooses them, greedy or sampled), else the argmax.
+  Every still-masked position with confidence >= alpha is revealed, and always the
+  single most confident one (ties: the leftmost), so a step reveals >= 1 position while
+  any is masked. alpha > 1 reveals one per step, in confidence order (B steps per
+  block); alpha = 0 reveals the whole block at once.
 
   Args:
     logits: `[batch, B, V]` decoder logits for the block (log-probs work too).
     still_masked: `[batch, B]` bool.
     alpha: threshold (a float or a traced scalar).
-    rng, temperature, top_p: sampling, see `sample_tokens`.
+    tokens: `[batch, B]` int chosen ids, or None for the argmax.
 
   Returns:
     `Reveal(reveal, tokens, confidence)`.
   """
   logp = jax.nn.log_softmax(losses.suppress_mask_logit(logits), axis=-1)
-  tokens = sample_tokens(logits, rng, temperature=temperature, top_p=top_p)
+  if tokens is None:
+    tokens = jnp.argmax(logp, axis=-1).astype(jnp.int32)
   confidence = jnp.exp(jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0])
   reveal = _at_least_one(confidence >= alpha, confidence, still_masked)
   return Reveal(reveal=reveal, tokens=tokens, confidence=confidence)

@@ -20,9 +20,7 @@ corrupt_blocks = jax.jit(diffusion.corrupt_blocks, static_argnames=("noise", "ep
 attention_ranges = jax.jit(diffusion.bltd_attention_ranges,
                            static_argnames=("seq_len", "block_size", "window"))
 masked_block_ce = jax.jit(losses.masked_block_ce, static_argnames=("elbo_weight",))
-confidence_reveal = jax.jit(diffusion.confidence_reveal,
-                            static_argnames=("temperature", "top_p"))
-sample_tokens = jax.jit(diffusion.sample_tokens, static_argnames=("temperature", "top_p"))
+confidence_reveal = jax.jit(diffusion.confidence_reveal)
 entropy_bounded_reveal = jax.jit(diffusion.entropy_bounded_reveal,
                                  static_argnames=("subtract_max",))
 
@@ -310,22 +308,6 @@ def test_confidence_rule_reveals_one_per_step_in_confidence_order_above_all():
   assert confidence_reveal(logits, still | True, alpha=mid).reveal[0].tolist() == [
       True, False, True, False, False]
   assert not confidence_reveal(logits, still, alpha=0.0).reveal.any()  # none left
-
-
-def test_sampled_tokens_never_mask_and_top_p_keeps_the_nucleus():
-  logits = np.random.default_rng(5).normal(size=(64, 8, V)).astype(np.float32)
-  logits[..., MASK] = 5.0
-  out = confidence_reveal(logits, np.ones((64, 8), bool), alpha=0.5,
-                                    rng=jax.random.PRNGKey(6), temperature=1.0)
-  assert not bool((out.tokens == MASK).any()) and bool(out.reveal.any(axis=1).all())
-  tiny_p = sample_tokens(logits, jax.random.PRNGKey(7), temperature=1.0, top_p=1e-6)
-  np.testing.assert_array_equal(tiny_p, sample_tokens(logits))  # greedy
-  two = np.full((200, 1, V), -1e9, np.float32)
-  two[:, 0, 20], two[:, 0, 30] = 1.0, 0.0  # p = 0.73, 0.27
-  draws = sample_tokens(two, jax.random.PRNGKey(8), temperature=1.0, top_p=0.9)
-  assert set(np.asarray(draws).ravel().tolist()) == {20, 30}
-  draws = sample_tokens(two, jax.random.PRNGKey(8), temperature=1.0, top_p=0.5)
-  assert set(np.asarray(draws).ravel().tolist()) == {20}  # 0.73 >= 0.5: the nucleus is {20}
 
 
 @pytest.mark.parametrize("entropies,masked,gamma,subtract_max,expected", [

@@ -1,0 +1,106 @@
+"""Fast generation: cached AR, BLT-D, BLT-S, BLT-DV and BLT-H, one jitted call each.
+
+`decode(engine, params, prompt_ids, prompt_lengths, config, rng)` prefills the caches
+and runs the chosen method's loop on device; `make_engine` sizes the buffers for a
+request. See engine.py for the shared primitive and each method's module for its loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bltjax.generate import ar
+from bltjax.generate import diffusion
+from bltjax.generate import hybrid
+from bltjax.generate import speculative
+from bltjax.generate.engine import COMPONENTS, Engine
+from bltjax.generate.sampling import SamplingConfig
+
+METHODS = ("ar", "blt_d", "blt_s", "blt_dv", "blt_h")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  method: str = "ar"             # ar | blt_d | blt_s | blt_dv | blt_h
+  max_bytes: int = 256
+  temperature: float = 0.0       # 0: greedy
+  top_p: float = 1.0
+  block_size: int = 8            # BLT-D / BLT-H block B
+  alpha: float = 0.7             # BLT-D confidence threshold
+  gamma: float | None = None     # BLT-D entropy bound (EB rule instead of alpha)
+  draft_len: int = 8             # BLT-S / BLT-DV k
+  block_commit: str = "forced"   # forced | last_boundary
+  gate: float = 0.9              # BLT-H: mean confidence needed to diffuse a block
+  prefill_chunk: int = 32        # prompt bytes per prefill step
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"method {self.method!r} is not one of {METHODS}")
+    if self.block_commit not in diffusion.BLOCK_COMMITS:
+      raise ValueError(f"block_commit {self.block_commit!r} is not one of "
+                       f"{diffusion.BLOCK_COMMITS}")
+    if self.max_bytes < 1 or self.block_size < 1 or self.draft_len < 2:
+      raise ValueError(f"need max_bytes >= 1, block_size >= 1, draft_len >= 2: {self}")
+
+  @property
+  def sampling(self) -> SamplingConfig:
+    return SamplingConfig(self.temperature, self.top_p)
+
+  @property
+  def max_extend(self) -> int:
+    return max(self.prefill_chunk, self.block_size, self.draft_len)
+
+
+class DecodeResult(NamedTuple):
+  tokens: jax.Array   # [B, max_bytes] generated ids
+  counts: jax.Array   # [B] ids generated per row (EOS included)
+  nfe: dict           # component -> calls (a call serves the whole batch)
+  stats: dict         # method-specific counters (drafted / accepted, blocks / steps ...)
+
+
+def make_engine(blt_config, patcher_config, entropy_config, prompt_len: int,
+                config: DecodeConfig) -> Engine:
+  """An engine whose buffers hold the prompt, max_bytes and one extension of slack."""
+  return Engine(blt_config, patcher_config, entropy_config,
+                max_len=prompt_len + config.max_bytes + config.max_extend + 1,
+                max_extend=config.max_extend)
+
+
+def decode(engine: Engine, params, prompt_ids, prompt_lengths, config: DecodeConfig, rng):
+  """Prefill + the method's loop. prompt_ids `[B, L]` (BOS + bytes, right-padded)."""
+  state = engine.init_state(prompt_ids.shape[0])
+  state, logits = engine.prefill(params, state, prompt_ids, prompt_lengths)
+  prefill_nfe = state.nfe
+  common = dict(max_bytes=config.max_bytes, sampling=config.sampling, rng=rng)
+  rule = diffusion.UnmaskRule(alpha=config.alpha, gamma=config.gamma)
+  if config.method == "ar":
+    state, out, counts = ar.generate(engine, params, state, logits, **common)
+    stats = {}
+  elif config.method in ("blt_s", "blt_dv"):
+    state, out, counts, stats = speculative.generate(
+        engine, params, state, logits, draft_len=config.draft_len,
+        drafter="decoder" if config.method == "blt_s" else "diffusion", **common)
+  elif config.method == "blt_d":
+    state, out, counts, stats = diffusion.generate(
+        engine, params, state, logits, block_size=config.block_size, rule=rule,
+        block_commit=config.block_commit, **common)
+  else:
+    state, out, counts, stats = hybrid.generate(
+        engine, params, state, logits, block_size=config.block_size, rule=rule,
+        gate=config.gate, **common)
+  nfe = {c: state.nfe[c] - prefill_nfe[c] for c in COMPONENTS}
+  return DecodeResult(out, counts, nfe, stats)
+
+
+def jitted_decode(engine: Engine, config: DecodeConfig):
+  """`decode` compiled for one engine and config: (params, ids, lengths, rng) -> result."""
+  return jax.jit(lambda params, ids, lengths, rng: decode(engine, params, ids, lengths,
+                                                          config, rng))
+
+
+__all__ = ["COMPONENTS", "DecodeConfig", "DecodeResult", "Engine", "METHODS", "decode",
+           "jitted_decode", "make_engine"]

@@ -19,15 +19,17 @@ from bltjax.generate.engine import Engine, GenState
 from bltjax.model import patcher as patcher_lib
 
 
-def emit(out, count, done, tokens, max_bytes: int):
-  """Appends `tokens` `[B, T]` (the first `n` of each row) to `out` `[B, max_bytes]`.
+def emit(out, count, done, tokens, max_bytes: int, n_valid=None):
+  """Appends `tokens` `[B, T]` (the first `n_valid` `[B]` of each row, default all) to
+  `out` `[B, max_bytes]`.
 
   Returns (out, count, done, n_kept): a row stops after EOS or at max_bytes."""
   width = tokens.shape[1]
   idx = jnp.arange(width)[None]
-  is_eos = tokens == blt_bytes.EOS_ID
+  n_valid = jnp.full((tokens.shape[0],), width) if n_valid is None else n_valid
+  is_eos = (tokens == blt_bytes.EOS_ID) & (idx < n_valid[:, None])
   first_eos = jnp.min(jnp.where(is_eos, idx, width), axis=1)
-  n_keep = jnp.minimum(first_eos + 1, width)
+  n_keep = jnp.minimum(first_eos + 1, n_valid)
   n_keep = jnp.where(done, 0, jnp.minimum(n_keep, max_bytes - count))
   rows = jnp.arange(tokens.shape[0])[:, None]
   at = jnp.where(idx < n_keep[:, None], count[:, None] + idx, max_bytes)

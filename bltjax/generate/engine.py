@@ -227,12 +227,7 @@ class Engine:
         encoder_cache=state.encoder_cache.write(kvs, positions, valid),
         length=state.length + n_new, nfe=self._count(nfe, "encoder"))
     # 3. patches and the global model for those that closed
-    patches = self._patches(state)
-    num_closed = self._num_closed(patches.next_patch_ids, state.length)
-    state = dataclasses.replace(state, starts=patches.starts)
-    state = jax.lax.cond(jnp.any(num_closed > state.num_patches),
-                         lambda s: self._global_step(bound, s, patches, num_closed),
-                         lambda s: s, state)
+    state, patches = self._sync_patches(bound, state)
     # 4. decoder
     read = jnp.take_along_axis(patches.next_patch_ids, jnp.clip(positions, 0, self.max_len - 1),
                                axis=1) - 1
@@ -242,6 +237,79 @@ class Engine:
                                                                                valid),
                                 nfe=self._count(state.nfe, "decoder"))
     return state, logits
+
+  def _sync_patches(self, bound, state: GenState):
+    """Recomputes patch starts and runs the global model on patches closed since the last
+    call. Returns (state, Patches)."""
+    patches = self._patches(state)
+    num_closed = self._num_closed(patches.next_patch_ids, state.length)
+    state = dataclasses.replace(state, starts=patches.starts)
+    state = jax.lax.cond(jnp.any(num_closed > state.num_patches),
+                         lambda s: self._global_step(bound, s, patches, num_closed),
+                         lambda s: s, state)
+    return state, patches
+
+  def close_patch(self, params, state: GenState, where):
+    """Ends the open patch of the rows in `where` `[B]` (forces a start at their next
+    byte) and runs the global model on it. Rows already at a boundary are unchanged."""
+    rows = jnp.arange(state.tokens.shape[0])
+    last = jnp.where(where & (state.length > 0), state.length - 1, self.max_len)
+    state = dataclasses.replace(
+        state, forced_fires=state.forced_fires.at[rows, last].set(True, mode="drop"))
+    state, _ = self._sync_patches(self.blt.bind({"params": params["blt"]}), state)
+    return state
+
+  def at_boundary(self, state: GenState):
+    """`[B]` bool: the next byte of each row starts a patch."""
+    return jnp.take_along_axis(state.starts, state.length[:, None], axis=1)[:, 0]
+
+  def draft_step(self, params, state: GenState, token, position):
+    """A drafting step of the local models only (BLT-S): consumes `token` `[B]` at
+    `position` `[B]` into the encoder and decoder caches, reading the latest global
+    output (stale past a boundary). Does not advance `length`; returns (state, logits)."""
+    bound = self.blt.bind({"params": params["blt"]})
+    rows = jnp.arange(token.shape[0])
+    positions, valid = position[:, None], jnp.ones((token.shape[0], 1), bool)
+    tokens = state.tokens.at[rows, position].set(token, mode="drop")
+    states, kvs = self.encode_bytes(bound, tokens, token[:, None], positions, valid,
+                                    state.encoder_cache)
+    state = dataclasses.replace(
+        state, tokens=tokens,
+        byte_states=state.byte_states.at[rows, position].set(
+            states[:, 0].astype(state.byte_states.dtype), mode="drop"),
+        encoder_cache=state.encoder_cache.write(kvs, positions, valid),
+        nfe=self._count(state.nfe, "encoder"))
+    read = jnp.maximum(state.num_patches - 1, 0)[:, None]
+    logits, kvs = self.decode_bytes(bound, states, positions, valid, read, state)
+    state = dataclasses.replace(
+        state, decoder_cache=state.decoder_cache.write(kvs, positions, valid),
+        nfe=self._count(state.nfe, "decoder"))
+    return state, logits[:, 0]
+
+  def block_step(self, params, state: GenState, block):
+    """One diffusion step of the decoder on `block` `[B, Bk]` (ids, MASK where unknown)
+    placed at each row's length: the block sees the cached prefix and itself
+    bidirectionally and reads the last complete patch (BLT-D). Writes no cache.
+
+    Returns (state with counted NFE, logits `[B, Bk, 260]` for the block's own positions).
+    """
+    bound = self.blt.bind({"params": params["blt"]})
+    width = block.shape[1]
+    positions = state.length[:, None] + jnp.arange(width, dtype=jnp.int32)
+    valid = jnp.ones(block.shape, bool)
+    rows = jnp.arange(block.shape[0])[:, None]
+    tokens = state.tokens.at[rows, positions].set(block, mode="drop")
+    nfe = state.nfe
+    if self.config.noisy_embedding == "encoder":
+      states, _ = self.encode_bytes(bound, tokens, block, positions, valid,
+                                    state.encoder_cache, block_start=state.length)
+      nfe = self._count(nfe, "encoder")
+    else:
+      states = bound.encoder.embed(block, self.hash_ids(tokens, state.length, width))
+    read = jnp.broadcast_to(jnp.maximum(state.num_patches - 1, 0)[:, None], block.shape)
+    logits, _ = self.decode_bytes(bound, states, positions, valid, read, state,
+                                  block_start=state.length)
+    return dataclasses.replace(state, nfe=self._count(nfe, "decoder")), logits
 
   @staticmethod
   def _num_closed(next_patch_ids, length):
