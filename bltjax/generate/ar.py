@@ -82,25 +82,30 @@ def reference_greedy(blt_module, blt_params, patcher_config, entropy_fn, prompts
   rows = [list(p) for p in prompts]
   outputs = [[] for _ in rows]
   done = [False] * len(rows)
-  forward = jax.jit(lambda params, tokens, patches: blt_module.apply(
-      {"params": params}, tokens, jnp.ones_like(tokens), patches)[0])
+  # A fixed width (padding is causally invisible) compiles the forward once.
+  width = max(len(r) for r in rows) + max_bytes
+  config = dataclasses.replace(patcher_config, max_patches=width)
+
+  @jax.jit
+  def next_logits(params, tokens, lengths):
+    segments = jnp.ones_like(tokens)   # one document per row: padding never cuts a patch
+    entropies = entropy_fn(tokens, segments) if entropy_fn is not None else None
+    patches = patcher_lib.patch(config, tokens, segments, entropies)
+    logits = blt_module.apply({"params": params}, tokens, segments, patches)[0]
+    return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+
   for _ in range(max_bytes):
     if all(done):
       break
-    width = max(len(r) for r in rows)
     tokens = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
       tokens[i, :len(r)] = r
-    tokens = jnp.asarray(tokens)
-    segments = jnp.ones_like(tokens)   # one document per row: padding never cuts a patch
-    entropies = entropy_fn(tokens, segments) if entropy_fn is not None else None
-    config = dataclasses.replace(patcher_config, max_patches=width)
-    patches = patcher_lib.patch(config, tokens, segments, entropies)
-    logits = forward(blt_params, tokens, patches)
+    lengths = np.array([len(r) for r in rows], np.int32)
+    logits = next_logits(blt_params, jnp.asarray(tokens), jnp.asarray(lengths))
     for i, r in enumerate(rows):
       if done[i]:
         continue
-      token = int(jnp.argmax(sampling_lib.output_logits(logits[i, len(r) - 1])))
+      token = int(jnp.argmax(sampling_lib.output_logits(logits[i])))
       outputs[i].append(token)
       r.append(token)
       done[i] = token == blt_bytes.EOS_ID
