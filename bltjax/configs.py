@@ -172,6 +172,9 @@ def base_config() -> ml_collections.ConfigDict:
       activation="swiglu",           # swiglu | relu
       l1_coef=0.0,                   # L1 on relu activations (sparsity)
       impl="xla",                    # xla | pallas (activation-sparse kernel; relu only)
+      backend="",                    # pallas: "" (the kernel package picks), gpu | tpu | xla
+      interpret=False,               # pallas: kernels in interpret mode (CPU tests)
+      dense_threshold=0.5,           # pallas: dense matmuls above this occupancy; >= 1: never
   ))
   config.model.entropy = transformer_section(128, 2, 4, window=512)   # kind "entropy"
   config.model.blt = ml_collections.ConfigDict(dict(                    # kind "blt"
@@ -221,6 +224,7 @@ def base_config() -> ml_collections.ConfigDict:
       keep=3,                        # checkpoints kept
       async_checkpoint=True,
       init_params_from="",           # a workdir or converted model dir: start from its params
+      time_budget_s=0.0,             # stop (and save) after this much training time; 0: off
   ))
 
   config.optim = ml_collections.ConfigDict(dict(

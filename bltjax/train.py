@@ -187,6 +187,17 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
+def _out_of_time(run_start: float, budget_s: float) -> bool:
+  """Whether the time budget is spent (process 0 decides for everyone)."""
+  if not budget_s:
+    return False
+  spent = time.perf_counter() - run_start >= budget_s
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    spent = bool(multihost_utils.broadcast_one_to_all(np.asarray(spent)))
+  return spent
+
+
 def _first_non_finite(pending: list[dict[str, jax.Array]], first_step: int):
   for i, loss in enumerate(jax.device_get([m["loss"] for m in pending])):
     if not math.isfinite(float(loss)):
@@ -254,6 +265,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
           f"last good checkpoint is step {last_saved} in {ckpt.directory}; lower optim.lr "
           "or check the data, then re-run to resume from it")
 
+  run_start = time.perf_counter()
   try:
     for step in range(start_step, tcfg.steps):
       batch = sharding.make_global_batch(next(data_iter), trainer.mesh)
@@ -266,7 +278,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
         window_start_time, window_steps = time.perf_counter(), 0
       else:
         window_steps += 1
-      is_last = done == tcfg.steps
+      is_last = done == tcfg.steps or _out_of_time(run_start, tcfg.time_budget_s)
       if done % tcfg.log_every == 0 or is_last:
         check_pending()
         row = _mean_metrics(pending)
@@ -289,6 +301,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
         check_pending()
         ckpt.save(done, state, data_iter)
         last_saved = done
+      if is_last:
+        break
     if start_step >= tcfg.steps:
       writer.print(f"workdir already holds step {start_step} >= train.steps={tcfg.steps}; "
                    "raise --config.train.steps to train further")
