@@ -1,16 +1,10 @@
-r"""The BLT entropy model (released blt-entropy shape: 14 x 768, 12 heads, window 512).
+r"""The BLT entropy model at the released blt-entropy shape: 14 x 768, 12 heads, window 512.
 
   bltjax train --config experiments/entropy_100m.py --workdir runs/entropy_100m
   bltjax calibrate --workdir runs/entropy_100m --target 4.0
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import paper_shapes  # noqa: E402  pylint: disable=g-import-not-at-top
-from bltjax import configs  # noqa: E402
+from bltjax import configs
 
 
 def get_config(arg=None):
@@ -19,7 +13,7 @@ def get_config(arg=None):
   config = configs.base_config()
   config.model.kind = "entropy"
   config.model.dtype = "bfloat16"
-  config.model.entropy = paper_shapes.entropy_100m()
+  config.model.entropy = configs.transformer_section(768, 14, 12, window=512)
   config.train.seq_len = 8192
   config.train.batch_size = 64
   config.train.steps = 100_000
