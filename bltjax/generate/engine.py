@@ -144,17 +144,18 @@ class Engine:
                                       block_start=block_start)
     return bound.decoder(states, positions, specs, state.patch_slots, read_patch)
 
-  def _patches(self, state: GenState) -> patcher_lib.Patches:
-    ones = jnp.ones_like(state.tokens)
+  def _starts(self, state: GenState):
+    """Patch starts `[B, N + 1]` of the buffer, by the training patcher (causal: valid up
+    to index `length` whatever the scratch past it holds)."""
     entropies = state.entropies if self.patcher_config.mode == "entropy" else None
-    config = dataclasses.replace(self.patcher_config, max_patches=self.max_patches)
-    return patcher_lib.patch(config, state.tokens, ones, entropies, state.forced_fires)
+    return patcher_lib.starts_for(self.patcher_config, state.tokens,
+                                  jnp.ones_like(state.tokens), entropies, state.forced_fires)
 
   @staticmethod
   def _count(nfe, component, amount=1):
     return dict(nfe, **{component: nfe[component] + amount})
 
-  def _global_step(self, bound, state: GenState, patches, num_closed):
+  def _global_step(self, bound, state: GenState, patch_ids, num_closed):
     """Pools, runs and stores every patch closed since `state.num_patches`."""
     cfg = self.config
     width = self.max_extend
@@ -168,7 +169,7 @@ class Engine:
     span = self.max_len if not longest or span >= self.max_len else span
     first = jnp.clip(state.length - span, 0, self.max_len - span)
     window = lambda x: jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, span))(x, first)
-    local_ids = window(patches.patch_ids) - state.num_patches[:, None]
+    local_ids = window(patch_ids) - state.num_patches[:, None]
     local_ids = jnp.where(window(jnp.arange(self.max_len)[None] < state.length[:, None]),
                           local_ids, -1)
     local_ids = jnp.where(local_ids < (num_closed - state.num_patches)[:, None], local_ids, -1)
@@ -227,9 +228,9 @@ class Engine:
         encoder_cache=state.encoder_cache.write(kvs, positions, valid),
         length=state.length + n_new, nfe=self._count(nfe, "encoder"))
     # 3. patches and the global model for those that closed
-    state, patches = self._sync_patches(bound, state)
+    state, next_patch_ids = self._sync_patches(bound, state)
     # 4. decoder
-    read = jnp.take_along_axis(patches.next_patch_ids, jnp.clip(positions, 0, self.max_len - 1),
+    read = jnp.take_along_axis(next_patch_ids, jnp.clip(positions, 0, self.max_len - 1),
                                axis=1) - 1
     logits, kvs = self.decode_bytes(bound, states, positions, valid, jnp.maximum(read, 0),
                                     state)
@@ -240,14 +241,16 @@ class Engine:
 
   def _sync_patches(self, bound, state: GenState):
     """Recomputes patch starts and runs the global model on patches closed since the last
-    call. Returns (state, Patches)."""
-    patches = self._patches(state)
-    num_closed = self._num_closed(patches.next_patch_ids, state.length)
-    state = dataclasses.replace(state, starts=patches.starts)
+    call. Returns (state, next_patch_ids `[B, N]`: the patch of byte t+1)."""
+    starts = self._starts(state)
+    ids = jnp.cumsum(starts.astype(jnp.int32), axis=1) - 1
+    patch_ids, next_patch_ids = ids[:, :-1], ids[:, 1:]
+    num_closed = self._num_closed(next_patch_ids, state.length)
+    state = dataclasses.replace(state, starts=starts)
     state = jax.lax.cond(jnp.any(num_closed > state.num_patches),
-                         lambda s: self._global_step(bound, s, patches, num_closed),
+                         lambda s: self._global_step(bound, s, patch_ids, num_closed),
                          lambda s: s, state)
-    return state, patches
+    return state, next_patch_ids
 
   def close_patch(self, params, state: GenState, where):
     """Ends the open patch of the rows in `where` `[B]` (forces a start at their next

@@ -118,12 +118,9 @@ def layout(starts, max_patches: int) -> Patches:
   return Patches(starts, patch_ids, next_patch_ids, lengths, num_patches, in_patches)
 
 
-def patch(config: PatcherConfig, tokens, segment_ids, entropies=None,
-          forced_fires=None) -> Patches:
-  """tokens, segment_ids `[batch, len]` (+ entropies for mode "entropy") -> Patches.
-
-  `forced_fires` `[batch, len]` bool: byte t+1 starts a patch wherever it is set
-  (generation uses it to end a committed BLT-D block on a patch boundary)."""
+def starts_for(config: PatcherConfig, tokens, segment_ids, entropies=None,
+               forced_fires=None):
+  """Start flags `[batch, len + 1]` under `config` (see `patch`)."""
   if config.mode == "entropy":
     if entropies is None:
       raise ValueError("entropy patching needs entropies from an entropy model")
@@ -135,8 +132,17 @@ def patch(config: PatcherConfig, tokens, segment_ids, entropies=None,
   if forced_fires is not None:
     fires = fires | forced_fires
   max_len = config.patch_size if config.mode == "static" else config.max_patch_len
-  starts = patch_starts(fires, tokens, segment_ids, max_patch_len=max_len)
-  return layout(starts, config.max_patches)
+  return patch_starts(fires, tokens, segment_ids, max_patch_len=max_len)
+
+
+def patch(config: PatcherConfig, tokens, segment_ids, entropies=None,
+          forced_fires=None) -> Patches:
+  """tokens, segment_ids `[batch, len]` (+ entropies for mode "entropy") -> Patches.
+
+  `forced_fires` `[batch, len]` bool: byte t+1 starts a patch wherever it is set
+  (generation uses it to end a committed BLT-D block on a patch boundary)."""
+  return layout(starts_for(config, tokens, segment_ids, entropies, forced_fires),
+                config.max_patches)
 
 
 def mean_patch_length(patches: Patches, valid):
