@@ -354,9 +354,7 @@ class Model:
     context = float(np.mean(lengths) + np.mean(counts) / 2)
     traffic = cost.estimate(
         nfe, self.sizes, n_bytes=n_bytes, batch=batch,
-        encoder_positions=cost.encoder_positions(config.method, nfe,
-                                                 draft_len=config.draft_len,
-                                                 block_size=config.block_size),
+        encoder_positions=nfe[generate_lib.EMBEDDED],
         context=context, patch_len=self.nominal_patch_len)
     return GenerateOutput(
         texts=texts, tokens=tokens, method=config.method, config=config, nfe=nfe,

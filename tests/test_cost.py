@@ -79,7 +79,7 @@ def test_kv_cache_bytes_window_and_patches():
   assert t.total_with_kv == pytest.approx(t.total + sum(t.kv_cache.values()))
 
 
-def test_nfe_per_byte_and_encoder_positions():
+def test_nfe_per_byte():
   assert cost.ar_nfe_per_byte(4.0) == {"entropy": 1.0, "encoder": 1.0, "global": 0.25,
                                        "decoder": 1.0}
   assert cost.ar_nfe_per_byte(entropy=False)["entropy"] == 0.0
@@ -87,13 +87,6 @@ def test_nfe_per_byte_and_encoder_positions():
   nfe = {"entropy": 0, "encoder": 32, "global": 8, "decoder": 32}
   assert cost.per_byte_nfe(nfe, n_bytes=64, batch=2)["decoder"] == 1.0
   assert cost.per_byte_nfe(nfe, n_bytes=32)["global"] == 0.25
-  assert cost.encoder_positions("ar", nfe) == 32
-  # BLT-S, k = 8: 7 one-byte drafting calls + one 8-wide verification per round.
-  assert cost.encoder_positions("blt_s", {"encoder": 16, "decoder": 16}, draft_len=8) == 30
-  assert cost.encoder_positions("blt_d", {"encoder": 2, "decoder": 5}, block_size=4) == 20
-  assert cost.encoder_positions("blt_dv", {"encoder": 2, "decoder": 2}, draft_len=8) == 16
-  with pytest.raises(ValueError, match="not one of"):
-    cost.encoder_positions("beam", nfe)
   with pytest.raises(ValueError, match="lacks"):
     cost.ModelSizes(params={"decoder": 1})
 

@@ -17,7 +17,7 @@ from bltjax.generate import ar
 from bltjax.generate import diffusion
 from bltjax.generate import hybrid
 from bltjax.generate import speculative
-from bltjax.generate.engine import COMPONENTS, Engine
+from bltjax.generate.engine import COMPONENTS, EMBEDDED, Engine
 from bltjax.generate.sampling import SamplingConfig
 
 METHODS = ("ar", "blt_d", "blt_s", "blt_dv", "blt_h")
@@ -58,7 +58,8 @@ class DecodeConfig:
 class DecodeResult(NamedTuple):
   tokens: jax.Array   # [B, max_bytes] generated ids
   counts: jax.Array   # [B] ids generated per row (EOS included)
-  nfe: dict           # component -> calls (a call serves the whole batch)
+  nfe: dict           # component -> calls (a call serves the whole batch), and
+                      # EMBEDDED -> byte positions the encoder embedded (hash rows read)
   stats: dict         # method-specific counters (drafted / accepted, blocks / steps ...)
 
 
@@ -92,7 +93,7 @@ def decode(engine: Engine, params, prompt_ids, prompt_lengths, config: DecodeCon
     state, out, counts, stats = hybrid.generate(
         engine, params, state, logits, block_size=config.block_size, rule=rule,
         gate=config.gate, **common)
-  nfe = {c: state.nfe[c] - prefill_nfe[c] for c in COMPONENTS}
+  nfe = {c: state.nfe[c] - prefill_nfe[c] for c in state.nfe}
   return DecodeResult(out, counts, nfe, stats)
 
 
@@ -102,5 +103,5 @@ def jitted_decode(engine: Engine, config: DecodeConfig):
                                                           config, rng))
 
 
-__all__ = ["COMPONENTS", "DecodeConfig", "DecodeResult", "Engine", "METHODS", "decode",
+__all__ = ["COMPONENTS", "EMBEDDED", "DecodeConfig", "DecodeResult", "Engine", "METHODS", "decode",
            "jitted_decode", "make_engine"]

@@ -194,26 +194,6 @@ def per_byte_nfe(nfe: Mapping[str, float], n_bytes: float, batch: int = 1) -> di
   return {c: (float(nfe.get(c, 0)) / per_row if per_row else math.nan) for c in COMPONENTS}
 
 
-def encoder_positions(method: str, nfe: Mapping[str, float], *, draft_len: int = 8,
-                      block_size: int = 8) -> float:
-  """Byte positions each row's encoder embedding processed (hash rows read), from the
-  calls the engine made: a call processes its full width whatever the batch's ragged
-  lengths. AR and BLT-S drafting embed 1 position per call, a BLT-S/DV verification
-  `draft_len`, a BLT-D/H diffusion step or block commit `block_size` (the embedding
-  runs for every decoder call of those methods, whether or not the encoder layers do)."""
-  enc, dec = float(nfe.get("encoder", 0)), float(nfe.get("decoder", 0))
-  if method == "ar":
-    return enc
-  if method == "blt_s":
-    # Per round: k - 1 one-byte drafting calls and a k-wide verification.
-    return enc * (2 * draft_len - 1) / draft_len
-  if method == "blt_dv":
-    return dec * draft_len
-  if method in ("blt_d", "blt_h"):
-    return dec * block_size
-  raise ValueError(f"method {method!r} is not one of ar, blt_d, blt_s, blt_dv, blt_h")
-
-
 def format_bytes(n: float) -> str:
   """`1234567` -> `1.23 MB` (decimal units, as the paper's GB)."""
   for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):

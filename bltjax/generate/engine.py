@@ -37,6 +37,9 @@ from bltjax.model import patcher as patcher_lib
 from bltjax.model.blt_config import BltConfig
 
 COMPONENTS = ("entropy", "encoder", "global", "decoder")
+# Besides calls per component, the NFE dict counts the byte positions whose embeddings
+# (and hash-table rows) the encoder read: a call reads its full width.
+EMBEDDED = "embedded_positions"
 
 
 @flax.struct.dataclass
@@ -110,7 +113,7 @@ class Engine:
         encoder_cache=local(cfg.encoder),
         global_cache=self._stack_cache(cfg.global_model, batch, self.max_patches),
         decoder_cache=local(cfg.decoder),
-        nfe={c: jnp.zeros((), jnp.int32) for c in COMPONENTS})
+        nfe={c: jnp.zeros((), jnp.int32) for c in COMPONENTS + (EMBEDDED,)})
 
   # ----------------------------------------------------------------------------------
   # Pieces shared by extend and the drafters.
@@ -129,11 +132,15 @@ class Engine:
                                  table_size=cfg.hash_table_size, n_functions=cfg.hash_functions)
     return ids[:, context:]
 
+  def embed_bytes(self, bound, tokens_buffer, new_tokens, positions):
+    """Byte + hash n-gram embeddings of new positions `[B, T]`."""
+    return bound.encoder.embed(new_tokens, self.hash_ids(tokens_buffer, positions[:, 0],
+                                                         new_tokens.shape[1]))
+
   def encode_bytes(self, bound, tokens_buffer, new_tokens, positions, valid, cache, *,
                    block_start=None):
     """Encoder byte layers on new positions (over `cache`): states and per-layer (k, v)."""
-    x = bound.encoder.embed(new_tokens, self.hash_ids(tokens_buffer, positions[:, 0],
-                                                      new_tokens.shape[1]))
+    x = self.embed_bytes(bound, tokens_buffer, new_tokens, positions)
     specs = cache.specs(positions, valid, window=self.config.encoder.window,
                         block_start=block_start)
     return bound.encoder.layers(x, positions, specs)
@@ -226,7 +233,8 @@ class Engine:
         byte_states=state.byte_states.at[rows, scatter_at].set(
             states.astype(state.byte_states.dtype), mode="drop"),
         encoder_cache=state.encoder_cache.write(kvs, positions, valid),
-        length=state.length + n_new, nfe=self._count(nfe, "encoder"))
+        length=state.length + n_new,
+        nfe=self._count(self._count(nfe, "encoder"), EMBEDDED, width))
     # 3. patches and the global model for those that closed
     state, next_patch_ids = self._sync_patches(bound, state)
     # 4. decoder
@@ -281,7 +289,7 @@ class Engine:
         byte_states=state.byte_states.at[rows, position].set(
             states[:, 0].astype(state.byte_states.dtype), mode="drop"),
         encoder_cache=state.encoder_cache.write(kvs, positions, valid),
-        nfe=self._count(state.nfe, "encoder"))
+        nfe=self._count(self._count(state.nfe, "encoder"), EMBEDDED))
     read = jnp.maximum(state.num_patches - 1, 0)[:, None]
     logits, kvs = self.decode_bytes(bound, states, positions, valid, read, state)
     state = dataclasses.replace(
@@ -302,13 +310,13 @@ class Engine:
     valid = jnp.ones(block.shape, bool)
     rows = jnp.arange(block.shape[0])[:, None]
     tokens = state.tokens.at[rows, positions].set(block, mode="drop")
-    nfe = state.nfe
+    nfe = self._count(state.nfe, EMBEDDED, width)
     if self.config.noisy_embedding == "encoder":
       states, _ = self.encode_bytes(bound, tokens, block, positions, valid,
                                     state.encoder_cache, block_start=state.length)
       nfe = self._count(nfe, "encoder")
     else:
-      states = bound.encoder.embed(block, self.hash_ids(tokens, state.length, width))
+      states = self.embed_bytes(bound, tokens, block, positions)
     read = jnp.broadcast_to(jnp.maximum(state.num_patches - 1, 0)[:, None], block.shape)
     logits, _ = self.decode_bytes(bound, states, positions, valid, read, state,
                                   block_start=state.length)
