@@ -327,20 +327,21 @@ class Model:
     lengths = np.array([len(r) for r in rows], np.int32)
     rng = jax.random.PRNGKey(seed)
 
-    key = (len(rows), width, config)
+    key = (len(rows), width, config.structure())
     compile_seconds = 0.0
     if key not in self._decoders:
       t0 = time.perf_counter()
       engine = generate_lib.make_engine(self._objective.model_config, self.patcher_config,
                                         self._entropy_config(), width, config)
       params = {"blt": self.params, "entropy": self.frozen}
-      self._decoders[key] = generate_lib.jitted_decode(engine, config).lower(
-          params, ids, lengths, rng).compile(self.compiler_options or None)
+      program = generate_lib.decode_program(engine, config.structure())
+      self._decoders[key] = program.lower(params, ids, lengths, rng, config.knobs()).compile(
+          self.compiler_options or None)
       self.compiles += 1
       compile_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = self._decoders[key]({"blt": self.params, "entropy": self.frozen}, ids, lengths,
-                                 rng)
+                                 rng, config.knobs())
     result = jax.block_until_ready(result)
     decode_seconds = time.perf_counter() - t0
 

@@ -8,6 +8,7 @@ request. See engine.py for the shared primitive and each method's module for its
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -45,10 +46,24 @@ class DecodeConfig:
                        f"{diffusion.BLOCK_COMMITS}")
     if self.max_bytes < 1 or self.block_size < 1 or self.draft_len < 2:
       raise ValueError(f"need max_bytes >= 1, block_size >= 1, draft_len >= 2: {self}")
+    if self.temperature < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, "
+                       f"{self.top_p}")
 
-  @property
-  def sampling(self) -> SamplingConfig:
-    return SamplingConfig(self.temperature, self.top_p)
+  def structure(self) -> "DecodeConfig":
+    """What shapes the compiled program: the config with its numeric knobs (alpha, gamma,
+    gate, temperature, top_p) replaced by placeholders, keeping only whether sampling,
+    top-p and the EB rule are on. Configs with equal structure share one compile."""
+    return dataclasses.replace(
+        self, alpha=0.0, gate=0.0, gamma=None if self.gamma is None else 0.0,
+        temperature=0.0 if self.temperature == 0 else 1.0,
+        top_p=1.0 if self.top_p >= 1.0 else 0.5)
+
+  def knobs(self) -> dict:
+    """The numeric knobs, passed to the compiled program as traced scalars."""
+    return {"alpha": jnp.float32(self.alpha), "gate": jnp.float32(self.gate),
+            "gamma": jnp.float32(self.gamma if self.gamma is not None else 0.0),
+            "temperature": jnp.float32(self.temperature), "top_p": jnp.float32(self.top_p)}
 
   @property
   def max_extend(self) -> int:
@@ -71,13 +86,22 @@ def make_engine(blt_config, patcher_config, entropy_config, prompt_len: int,
                 max_extend=config.max_extend)
 
 
-def decode(engine: Engine, params, prompt_ids, prompt_lengths, config: DecodeConfig, rng):
-  """Prefill + the method's loop. prompt_ids `[B, L]` (BOS + bytes, right-padded)."""
+def decode(engine: Engine, params, prompt_ids, prompt_lengths, config: DecodeConfig, rng,
+           knobs=None):
+  """Prefill + the method's loop. prompt_ids `[B, L]` (BOS + bytes, right-padded).
+
+  `knobs` (from `config.knobs()`, possibly traced) override the config's numeric knobs;
+  `config` then only needs the right structure."""
+  knobs = config.knobs() if knobs is None else knobs
   state = engine.init_state(prompt_ids.shape[0])
   state, logits = engine.prefill(params, state, prompt_ids, prompt_lengths)
   prefill_nfe = state.nfe
-  common = dict(max_bytes=config.max_bytes, sampling=config.sampling, rng=rng)
-  rule = diffusion.UnmaskRule(alpha=config.alpha, gamma=config.gamma)
+  sampling = SamplingConfig(
+      temperature=0.0 if config.temperature == 0 else knobs["temperature"],
+      top_p=1.0 if config.top_p >= 1.0 else knobs["top_p"])
+  common = dict(max_bytes=config.max_bytes, sampling=sampling, rng=rng)
+  rule = diffusion.UnmaskRule(alpha=knobs["alpha"],
+                              gamma=None if config.gamma is None else knobs["gamma"])
   if config.method == "ar":
     state, out, counts = ar.generate(engine, params, state, logits, **common)
     stats = {}
@@ -92,16 +116,25 @@ def decode(engine: Engine, params, prompt_ids, prompt_lengths, config: DecodeCon
   else:
     state, out, counts, stats = hybrid.generate(
         engine, params, state, logits, block_size=config.block_size, rule=rule,
-        gate=config.gate, **common)
+        gate=knobs["gate"], **common)
   nfe = {c: state.nfe[c] - prefill_nfe[c] for c in state.nfe}
   return DecodeResult(out, counts, nfe, stats)
 
 
+@functools.lru_cache(maxsize=64)
+def decode_program(engine: Engine, structure: DecodeConfig):
+  """`decode` jitted for one engine and config structure:
+  (params, ids, lengths, rng, knobs) -> DecodeResult."""
+  return jax.jit(lambda params, ids, lengths, rng, knobs: decode(
+      engine, params, ids, lengths, structure, rng, knobs))
+
+
 def jitted_decode(engine: Engine, config: DecodeConfig):
-  """`decode` compiled for one engine and config: (params, ids, lengths, rng) -> result."""
-  return jax.jit(lambda params, ids, lengths, rng: decode(engine, params, ids, lengths,
-                                                          config, rng))
+  """(params, ids, lengths, rng) -> DecodeResult for this config; configs that differ
+  only in numeric knobs reuse one compiled program."""
+  program, knobs = decode_program(engine, config.structure()), config.knobs()
+  return lambda params, ids, lengths, rng: program(params, ids, lengths, rng, knobs)
 
 
-__all__ = ["COMPONENTS", "EMBEDDED", "DecodeConfig", "DecodeResult", "Engine", "METHODS", "decode",
-           "jitted_decode", "make_engine"]
+__all__ = ["COMPONENTS", "EMBEDDED", "DecodeConfig", "DecodeResult", "Engine", "METHODS",
+           "decode", "decode_program", "jitted_decode", "make_engine"]

@@ -19,12 +19,14 @@ _NEVER = (blt_bytes.PAD_ID, blt_bytes.BOS_ID, blt_bytes.MASK_ID)
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  temperature: float = 0.0   # 0: greedy
+  """temperature (python 0: greedy) and top_p (python 1.0: off); either may be a traced
+  scalar, so one compiled decoder serves many values."""
+  temperature: float = 0.0
   top_p: float = 1.0
 
-  def __post_init__(self):
-    if self.temperature < 0 or not 0 < self.top_p <= 1:
-      raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self}")
+  @property
+  def greedy(self) -> bool:
+    return isinstance(self.temperature, (int, float)) and self.temperature == 0
 
 
 def output_logits(logits):
@@ -33,9 +35,9 @@ def output_logits(logits):
   return jnp.where(never, -jnp.inf, logits.astype(jnp.float32))
 
 
-def top_p_filter(logits, top_p: float):
+def top_p_filter(logits, top_p):
   """Keeps the smallest set of ids whose probability reaches top_p (at least one)."""
-  if top_p >= 1.0:
+  if isinstance(top_p, (int, float)) and top_p >= 1.0:
     return logits
   order = jnp.argsort(-logits, axis=-1)
   sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
@@ -50,7 +52,7 @@ def top_p_filter(logits, top_p: float):
 def choose(logits, positions, rng, sampling: SamplingConfig):
   """Next ids for logits `[B, ..., V]` predicting positions `[B, ...]`."""
   logits = output_logits(logits)
-  if sampling.temperature == 0:
+  if sampling.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = top_p_filter(logits / sampling.temperature, sampling.top_p)
   rows = jnp.broadcast_to(
