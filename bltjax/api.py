@@ -231,6 +231,27 @@ class Model:
     return [float(n) / max(float(b), 1.0) / losses.LN2
             for n, b in zip(sums["nats"], sums["bytes"])]
 
+  def score_continuations(self, prompts: Sequence[str | bytes],
+                          continuations: Sequence[str | bytes]) -> list[float]:
+    """Bits per byte of each continuation given its prompt (BOS + prompt + continuation;
+    only the continuation's bytes are scored). Empty continuations give NaN."""
+    if len(prompts) != len(continuations):
+      raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    prompts = [blt_bytes.as_bytes(p) for p in prompts]
+    continuations = [blt_bytes.as_bytes(c) for c in continuations]
+    logits = self.logits([p + c for p, c in zip(prompts, continuations)])
+    out = []
+    for row, (p, c) in enumerate(zip(prompts, continuations)):
+      if not c:
+        out.append(float("nan"))
+        continue
+      start = len(p) + 1                                # BOS + prompt precede the continuation
+      targets = blt_bytes.encode(c, add_bos=False, add_eos=False)
+      logp = jax.nn.log_softmax(logits[row, start - 1:start - 1 + len(c)], axis=-1)
+      nats = -np.take_along_axis(np.asarray(logp), targets[:, None], axis=-1).sum()
+      out.append(float(nats) / len(c) / losses.LN2)
+    return out
+
   def logits(self, ids_or_texts) -> np.ndarray:
     """Next-byte logits `[batch, L, 260]` float32 of ids `[batch, L]` (BOS + byte+4,
     PAD=0 right-padded; one document per row) or of texts (BOS + bytes; L = the
