@@ -18,9 +18,6 @@ from bltjax import data as data_lib
 from bltjax import distributed
 from bltjax.train import NonFiniteLossError
 
-DEMO_TEXT = ('def greet(name):\n    """Say hello."""\n    return f"Hello, {name}!"\n\n'
-             'print(greet("world"))\n')
-
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   overrides = [a for a in argv if a.startswith("--config.")]
@@ -55,39 +52,26 @@ def _entropy_config(workdir: str, overrides: Sequence[str]):
 
 
 def cmd_calibrate(args, overrides):
-  from bltjax import model as model_lib  # pylint: disable=g-import-not-at-top
   from bltjax import patching  # pylint: disable=g-import-not-at-top
-  config = _entropy_config(args.workdir, overrides)
-  ref = patching.EntropyModelRef.load(args.workdir)
-  patcher_config = model_lib.patcher_config(config.patcher, threshold=0.0)
-  target = args.target or config.patcher.target_patch_len
-  batches = data_lib.eval_batches(
-      config.data, seq_len=config.train.seq_len, global_batch=args.batch_size,
-      process_index=0, process_count=1, max_batches=args.batches)
-  threshold, mean_len = patching.calibrate(ref, batches, patcher_config, target)
-  path = patching.write_calibration(args.workdir, dict(
-      threshold=threshold, mean_patch_len=mean_len, target_patch_len=target,
-      rule=patcher_config.rule, max_patch_len=patcher_config.max_patch_len, step=ref.step,
-      rows=args.batches * args.batch_size, seq_len=config.train.seq_len))
-  print(f"threshold {threshold:.6f} nats gives mean patch length {mean_len:.3f} bytes "
-        f"(target {target}, rule {patcher_config.rule}, max_patch_len "
-        f"{patcher_config.max_patch_len}); written to {path}")
+  record = patching.calibrate_workdir(
+      args.workdir, _entropy_config(args.workdir, overrides), target_patch_len=args.target,
+      batches=args.batches, batch_size=args.batch_size)
+  print(f"threshold {record['threshold']:.6f} nats gives mean patch length "
+        f"{record['mean_patch_len']:.3f} bytes (target {record['target_patch_len']}, rule "
+        f"{record['rule']}, max_patch_len {record['max_patch_len']}); written to "
+        f"{record['path']}")
 
 
 def cmd_patch(args, overrides):
   from bltjax import patching  # pylint: disable=g-import-not-at-top
   config = _entropy_config(args.workdir, overrides)
   ref, patcher_config = patching.patcher_from_workdir(args.workdir, config.patcher)
-  texts = args.text or [DEMO_TEXT]
+  texts = args.text or [patching.SAMPLE_TEXT]
   for text, pieces in zip(texts, patching.patch_texts(texts, patcher_config, ref)):
-    print(format_patches(pieces))
+    print(patching.format_patches(pieces))
     mean = sum(len(p) for p in pieces) / max(len(pieces), 1)
     print(f"-- {len(pieces)} patches, mean patch length {mean:.2f} bytes "
           f"(mode {patcher_config.mode}, threshold {patcher_config.threshold:.4f})")
-
-
-def format_patches(pieces: Sequence[bytes]) -> str:
-  return "|".join(p.decode("utf-8", errors="replace").replace("\n", "\\n") for p in pieces)
 
 
 def cmd_params(args, overrides):
@@ -209,17 +193,8 @@ def cmd_convert(args, overrides):
 
 
 def cmd_demo(args, overrides):
-  """Trains the tiny entropy model, calibrates its patcher and patches a sample text."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  entropy_dir = os.path.join(args.workdir, "entropy")
-  print(f"== 1/3 train the entropy model (experiments/entropy_tiny.py) in {entropy_dir}")
-  cmd_train(argparse.Namespace(config=os.path.join(repo, "experiments", "entropy_tiny.py"),
-                               workdir=entropy_dir), overrides)
-  print("== 2/3 calibrate the patching threshold")
-  cmd_calibrate(argparse.Namespace(workdir=entropy_dir, target=0.0, batches=8, batch_size=8),
-                [])
-  print("== 3/3 a sample text cut into patches")
-  cmd_patch(argparse.Namespace(workdir=entropy_dir, text=None), [])
+  from bltjax import demo  # pylint: disable=g-import-not-at-top
+  demo.run(args.workdir, steps=args.steps, overrides=overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="directory of the entropy model, when --hf does not hold model.patcher.*")
   p.set_defaults(fn=cmd_convert)
 
-  p = sub.add_parser("demo", help="the quick-start job: train, calibrate and patch")
+  p = sub.add_parser("demo", help="the quick-start job: entropy model, BLT-D, generation")
   p.add_argument("--workdir", default="runs/demo")
+  p.add_argument("--steps", type=int, default=300, help="training steps of each model")
   p.set_defaults(fn=cmd_demo)
   return parser
 

@@ -26,6 +26,13 @@ from bltjax.model import entropy_model
 from bltjax.model import patcher as patcher_lib
 
 CALIBRATION_FILE = "patcher.json"
+SAMPLE_TEXT = ('def greet(name):\n    """Say hello."""\n    return f"Hello, {name}!"\n\n'
+               'print(greet("world"))\n')
+
+
+def format_patches(pieces: Sequence[bytes]) -> str:
+  """Patches joined by `|`, newlines shown as `\\n` (for the console)."""
+  return "|".join(p.decode("utf-8", errors="replace").replace("\n", "\\n") for p in pieces)
 
 
 def read_calibration(workdir: str) -> dict | None:
@@ -175,3 +182,24 @@ def write_calibration(workdir: str, record: Mapping[str, Any]) -> str:
   with open(path, "w", encoding="utf-8") as f:
     json.dump(dict(record), f, indent=2)
   return path
+
+
+def calibrate_workdir(workdir: str, config=None, *, target_patch_len: float = 0.0,
+                      batches: int = 8, batch_size: int = 8) -> dict:
+  """Calibrates the threshold of an entropy-model workdir on its validation data and
+  writes `patcher.json`. `config`: the workdir's config (with overrides) or None.
+
+  Returns the record written (threshold, mean_patch_len, ..., path)."""
+  config = checkpoint.read_config(workdir) if config is None else config
+  ref = EntropyModelRef.load(workdir)
+  patcher_config = model_lib.patcher_config(config.patcher, threshold=0.0)
+  target = target_patch_len or config.patcher.target_patch_len
+  from bltjax import data as data_lib  # pylint: disable=g-import-not-at-top
+  rows = data_lib.eval_batches(config.data, seq_len=config.train.seq_len,
+                               global_batch=batch_size, max_batches=batches)
+  threshold, mean_len = calibrate(ref, rows, patcher_config, target)
+  record = dict(threshold=threshold, mean_patch_len=mean_len, target_patch_len=target,
+                rule=patcher_config.rule, max_patch_len=patcher_config.max_patch_len,
+                step=ref.step, rows=batches * batch_size, seq_len=config.train.seq_len)
+  record["path"] = write_calibration(workdir, record)
+  return record
