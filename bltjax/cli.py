@@ -14,7 +14,6 @@ from typing import Sequence
 
 from bltjax import checkpoint
 from bltjax import configs
-from bltjax import data as data_lib
 from bltjax import distributed
 from bltjax.train import NonFiniteLossError
 
