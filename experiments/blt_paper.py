@@ -64,7 +64,7 @@ def get_config(arg=None):
   config.model.entropy = configs.transformer_section(768, 14, 12, window=512)
   config.patcher.mode = "entropy"
   config.patcher.max_patch_len = 8
-  config.patcher.max_patches = 4096
+  config.patcher.max_patches = 2816     # P: ~2.9 bytes per patch at least (4.5 on average)
   config.train.seq_len = 8192
   config.train.batch_size = 64
   config.train.steps = 240_000

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of bltjax, in under 8 minutes; each appends its rows to
+# bench/RESULTS.md (device, date, command, commit). Run it whole on the GPU machine:
+#
+#   bash ../shared/gpu/fetch_wheels.sh                   # once, here: wheels for grain etc.
+#   (device) source .whl/activate.sh && bash bench/gpu_suite.sh
+#
+# Each benchmark has its own time budget; one that fails or runs out of time is reported
+# and the suite goes on. Set DRY_RUN=1 to print the commands only.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export GIT_COMMIT=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+PY=${PYTHON:-python3}
+STATUS=0
+
+run() {
+  local budget=$1; shift
+  echo "== [$budget s] $PY $*"
+  [ "${DRY_RUN:-0}" = 1 ] && return 0
+  local start=$SECONDS
+  if ! timeout "$budget" "$PY" "$@"; then
+    echo "!! failed or out of time after $((SECONDS - start)) s: $*"
+    STATUS=1
+  fi
+}
+
+# Issue 4: sparse FFN kernel vs dense XLA, forward and forward+backward (checks numerics).
+run 170 -m pallas_kernels.sparse_ffn.bench --variants sparse,auto --iters 10
+# Issue 2: ~100M entropy model train step at bf16 (MFU).
+run 80 bench/train_throughput.py --model entropy_100m --iters 5 \
+  --config.train.batch_size=16 --config.model.remat=true
+# Issue 3: BLT-400M and BLT-D-8-400M train steps at bf16, global vs local share.
+run 100 bench/train_throughput.py --model blt_400m --iters 5 --config.train.batch_size=16
+run 100 bench/train_throughput.py --model bltd8_400m --iters 5 --config.train.batch_size=16
+exit $STATUS
