@@ -13,10 +13,7 @@ bench/RESULTS.md (device, date, command, commit) unless --no_append.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -26,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import common  # noqa: E402
 from bltjax import configs  # noqa: E402
 from bltjax import flops  # noqa: E402
 from bltjax import sharding  # noqa: E402
@@ -43,21 +41,6 @@ SMALL = ["--config.train.seq_len=256", "--config.train.batch_size=2",
          "--config.model.dtype=float32", "--config.patcher.max_patches=96"]
 
 
-def git_commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=True, cwd=REPO).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return os.environ.get("GIT_COMMIT", "unknown")
-
-
-def device_name() -> str:
-  device = jax.devices()[0]
-  if device.platform == "cpu":
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-  return device.device_kind
-
-
 def timed(fn, *args, iters: int):
   out = fn(*args)
   jax.block_until_ready(out)
@@ -73,7 +56,6 @@ def main(argv=None):
   parser.add_argument("--model", choices=sorted(MODELS), default="entropy_100m")
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--small", action="store_true", help="CPU-sized shapes (smoke run)")
-  parser.add_argument("--results", default=os.path.join(REPO, "bench", "RESULTS.md"))
   parser.add_argument("--no_append", action="store_true")
   args, overrides = parser.parse_known_args(argv)
   experiment, preset = MODELS[args.model]
@@ -117,13 +99,11 @@ def main(argv=None):
           f"{'-' if np.isnan(mfu) else f'{100 * mfu:.1f}%'} | {share or '-'} |")
   print(line)
   if not args.no_append:
-    with open(args.results, "a", encoding="utf-8") as f:
-      f.write(f"\n## Train-step throughput ({device_name()}, {datetime.date.today()}, "
-              f"commit {git_commit()})\n\nCommand: `python bench/train_throughput.py "
-              f"{' '.join(argv or sys.argv[1:])}` (synthetic bytes, static patching for "
-              "BLT: the patcher's cost is not included).\n\n| model | params | dtype | "
-              "batch | step | bytes/s | model TFLOP/s | MFU | global share |\n|---|---|---|"
-              "---|---|---|---|---|---|\n" + line + "\n")
+    common.append("Train-step throughput", "| model | params | dtype | batch | step | "
+                  "bytes/s | model TFLOP/s | MFU | global share |\n|---|---|---|---|---|---|"
+                  "---|---|---|\n" + line, argv=argv, note=(
+                      "Synthetic bytes; BLT with static patching (the patcher's cost is not "
+                      "included)."))
 
 
 def _global_share(trainer, state, step_time: float, *, iters: int) -> str:

@@ -1,0 +1,43 @@
+"""What every benchmark script records with its numbers: device, date, command, commit."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+
+import jax
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "bench", "RESULTS.md")
+
+
+def git_commit() -> str:
+  """The checkout's commit, or $GIT_COMMIT (the GPU machine's copy has no .git)."""
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True, cwd=REPO).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return os.environ.get("GIT_COMMIT", "unknown")
+
+
+def device_name() -> str:
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+  return device.device_kind
+
+
+def command(argv=None) -> str:
+  script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
+  return " ".join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+
+
+def append(title: str, body: str, *, argv=None, note: str = "", path: str = RESULTS) -> None:
+  """Appends a section `## title (device, date, commit)` with the command and `body`."""
+  header = (f"\n## {title} ({device_name()}, {datetime.date.today().isoformat()}, commit "
+            f"{git_commit()})\n\nCommand: `{command(argv)}`. {note}\n\n")
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(header + body.rstrip() + "\n")
