@@ -10,6 +10,8 @@ the iterator is positioned by the step instead.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any
 
@@ -18,20 +20,33 @@ import jax
 import orbax.checkpoint as ocp
 
 
+@contextlib.contextmanager
+def _quiet_absl(quiet: bool):
+  logger = logging.getLogger("absl")
+  level = logger.level
+  if quiet:
+    logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 class Checkpointer:
   """Save / restore `{state, data}` under `directory` (a thin orbax wrapper)."""
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else keep, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
     # The PyTree handler reads what StandardSave writes and can restore a subtree.
-    self._manager = ocp.CheckpointManager(
-        self.directory, item_names=("state", "data"), options=options,
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler()})
+    with _quiet_absl(read_only):   # orbax warns about read-only managers, which we want
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=None if read_only else keep, enable_async_checkpointing=async_save,
+          cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
+      self._manager = ocp.CheckpointManager(
+          self.directory, item_names=("state", "data"), options=options,
+          item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                         "data": grain.checkpoint.CheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
