@@ -162,17 +162,17 @@ class Engine:
   def _count(nfe, component, amount=1):
     return dict(nfe, **{component: nfe[component] + amount})
 
-  def _global_step(self, bound, state: GenState, patch_ids, num_closed):
-    """Pools, runs and stores every patch closed since `state.num_patches`."""
+  def _global_step(self, bound, state: GenState, patch_ids, num_closed, width: int):
+    """Pools, runs and stores every patch closed since `state.num_patches`: at most
+    `width` of them (an extension of T bytes closes at most T patches)."""
     cfg = self.config
-    width = self.max_extend
     new_ids = state.num_patches[:, None] + jnp.arange(width)          # [B, G]
     new_valid = new_ids < num_closed[:, None]
-    # The bytes of the patches to pool lie in the last max_extend + max_patch_len bytes
+    # The bytes of the patches to pool lie in the last width + max_patch_len bytes
     # (or anywhere, without a patch length limit).
     longest = (self.patcher_config.patch_size if self.patcher_config.mode == "static"
                else self.patcher_config.max_patch_len)
-    span = self.max_extend + longest
+    span = width + longest
     span = self.max_len if not longest or span >= self.max_len else span
     first = jnp.clip(state.length - span, 0, self.max_len - span)
     window = lambda x: jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, span))(x, first)
@@ -236,7 +236,7 @@ class Engine:
         length=state.length + n_new,
         nfe=self._count(self._count(nfe, "encoder"), EMBEDDED, width))
     # 3. patches and the global model for those that closed
-    state, next_patch_ids = self._sync_patches(bound, state)
+    state, next_patch_ids = self._sync_patches(bound, state, width)
     # 4. decoder
     read = jnp.take_along_axis(next_patch_ids, jnp.clip(positions, 0, self.max_len - 1),
                                axis=1) - 1
@@ -247,7 +247,7 @@ class Engine:
                                 nfe=self._count(state.nfe, "decoder"))
     return state, logits
 
-  def _sync_patches(self, bound, state: GenState):
+  def _sync_patches(self, bound, state: GenState, width: int):
     """Recomputes patch starts and runs the global model on patches closed since the last
     call. Returns (state, next_patch_ids `[B, N]`: the patch of byte t+1)."""
     starts = self._starts(state)
@@ -256,7 +256,7 @@ class Engine:
     num_closed = self._num_closed(next_patch_ids, state.length)
     state = dataclasses.replace(state, starts=starts)
     state = jax.lax.cond(jnp.any(num_closed > state.num_patches),
-                         lambda s: self._global_step(bound, s, patch_ids, num_closed),
+                         lambda s: self._global_step(bound, s, patch_ids, num_closed, width),
                          lambda s: s, state)
     return state, next_patch_ids
 
@@ -267,7 +267,7 @@ class Engine:
     last = jnp.where(where & (state.length > 0), state.length - 1, self.max_len)
     state = dataclasses.replace(
         state, forced_fires=state.forced_fires.at[rows, last].set(True, mode="drop"))
-    state, _ = self._sync_patches(self.blt.bind({"params": params["blt"]}), state)
+    state, _ = self._sync_patches(self.blt.bind({"params": params["blt"]}), state, 1)
     return state
 
   def at_boundary(self, state: GenState):
