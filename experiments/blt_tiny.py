@@ -26,7 +26,7 @@ def get_config(arg=None):
 
   config.patcher.mode = "entropy"
   config.patcher.max_patch_len = 8
-  config.patcher.max_patches = 0           # seq_len: no byte is ever dropped
+  config.patcher.max_patches = 192         # P for 512-byte rows (>= 2.7 bytes per patch)
 
   config.train.steps = 600
   config.train.batch_size = 16
@@ -51,6 +51,7 @@ def get_config(arg=None):
       config.train.steps = 4
       config.train.batch_size = 8
       config.train.seq_len = 48
+      config.patcher.max_patches = 0       # one per byte: never drops a byte
       config.train.log_every = 1
       config.train.eval_every = 2
       config.train.eval_batches = 2
