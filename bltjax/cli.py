@@ -1,4 +1,4 @@
-"""Command line: `bltjax train|eval|generate|patch|calibrate|params|convert|demo`.
+"""Command line: `bltjax train|eval|sweep|generate|patch|calibrate|params|convert|demo`.
 
 Every command that reads an experiment file takes `--config FILE[:arg]` and any number
 of `--config.section.key=value` overrides. Errors a user can fix are printed as one
@@ -36,13 +36,76 @@ def cmd_eval(args, overrides):
   from bltjax import evaluate  # pylint: disable=g-import-not-at-top
   if args.name:
     evaluate.check_name(args.name)
-  result = evaluate.evaluate_workdir(
-      args.workdir, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-      max_batches=args.max_batches, overrides=overrides)
-  path = evaluate.write_result(result, args.name)
+  tasks = _continuation_request(args)
+  if not args.data and tasks is None:
+    raise evaluate.EvalError("nothing to evaluate; pass --data FILES (bits per byte) and/or "
+                             "--continuation_bytes N (continuation tasks)")
+  report = None
+  if args.data:
+    result = evaluate.evaluate_workdir(
+        args.workdir, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+        max_batches=args.max_batches, overrides=overrides)
+    if distributed.is_main():
+      print(evaluate.format_table(result))
+    if tasks is None:
+      path = evaluate.write_result(result, args.name)
+      if distributed.is_main():
+        print(f"written to {path}")
+      return
+    report = result.to_dict()
+  elif overrides:
+    raise configs.ConfigError("continuation tasks take no --config.* overrides; pass --data "
+                              "for a bits-per-byte eval they apply to")
+  from bltjax import continuation  # pylint: disable=g-import-not-at-top
+  cont = continuation.evaluate_workdir(args.workdir, args.data, **tasks)
+  report = dict(report or dict(workdir=args.workdir, step=cont["step"],
+                               data=cont["data"]), continuation=cont)
+  name = args.name or (evaluate.default_name(args.data) if args.data else "valid")
+  path = continuation.write_report(args.workdir, name, report)
   if distributed.is_main():
-    print(evaluate.format_table(result))
+    print(f"continuation tasks of {args.workdir} at step {cont['step']}: {cont['prompts']} "
+          f"prompts of {cont['prompt_bytes']} bytes from {cont['data']}, "
+          f"{cont['continuation_bytes']} bytes generated each, batch {cont['batch_size']}")
+    print(continuation.format_table(cont["rows"]))
     print(f"written to {path}")
+
+
+DECODE_OPTIONS = ("block_size", "alpha", "gamma", "draft_len", "block_commit", "gate",
+                  "temperature", "top_p")
+
+
+def _continuation_request(args) -> dict | None:
+  """The continuation-task arguments of `bltjax eval`, or None when not asked for."""
+  asked = [f"--{k}" for k in ("prompt_bytes", "prompts", "methods", *DECODE_OPTIONS)
+           if getattr(args, k) is not None]
+  if args.continuation_bytes is None:
+    if asked:
+      raise ValueError(f"{asked[0]} is an option of continuation tasks; pass "
+                       "--continuation_bytes N too")
+    return None
+  methods = [m.strip() for m in (args.methods or "ar").split(",") if m.strip()]
+  options = {k: getattr(args, k) for k in DECODE_OPTIONS if getattr(args, k) is not None}
+  return dict(methods=[(m, dict(options)) for m in dict.fromkeys(methods)],
+              prompts=16 if args.prompts is None else args.prompts,
+              prompt_bytes=64 if args.prompt_bytes is None else args.prompt_bytes,
+              continuation_bytes=args.continuation_bytes,
+              batch_size=1 if args.batch_size is None else args.batch_size, seed=args.seed)
+
+
+def cmd_sweep(args, overrides):
+  from bltjax import sweep  # pylint: disable=g-import-not-at-top
+  sw = sweep.load_sweep(args.config, overrides)
+  finished = sweep.read_results(args.workdir)
+  if args.dry_run or distributed.is_main():
+    print(sweep.describe(sw, finished))
+  if args.dry_run:
+    return
+  report = sweep.run_sweep(sw, args.workdir)
+  if distributed.is_main():
+    print(f"{len(report.executed)} run(s) done now, {len(report.skipped)} finished before")
+    with open(os.path.join(args.workdir, sweep.TABLE), encoding="utf-8") as f:
+      print(f.read().rstrip())
+    print("written: " + ", ".join(report.files))
 
 
 def _entropy_config(workdir: str, overrides: Sequence[str]):
@@ -207,18 +270,52 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="run directory (re-running resumes)")
   p.set_defaults(fn=cmd_train)
 
-  p = sub.add_parser("eval", help="bits per byte of a workdir's latest checkpoint on data")
+  from bltjax.generate import METHODS  # pylint: disable=g-import-not-at-top
+  from bltjax.generate.diffusion import BLOCK_COMMITS  # pylint: disable=g-import-not-at-top
+  p = sub.add_parser("eval", help="bits per byte of a workdir's latest checkpoint on data, "
+                     "and continuation tasks (generate from held-out prompts)")
   p.add_argument("--workdir", required=True, help="workdir of a `bltjax train` run")
-  p.add_argument("--data", required=True,
-                 help="comma-separated files, directories or globs (text, JSONL, ArrayRecord)")
+  p.add_argument("--data", default=None,
+                 help="comma-separated files, directories or globs (text, JSONL, ArrayRecord); "
+                 "may be left out with --continuation_bytes (the workdir's validation split)")
   p.add_argument("--seq_len", type=int, default=None, help="bytes per row (default: training's)")
   p.add_argument("--batch_size", type=int, default=None,
-                 help="global rows per eval step (default: training's)")
+                 help="global rows per eval step (default: training's); continuation tasks: "
+                 "prompts per generate call (default 1)")
   p.add_argument("--max_batches", type=int, default=None,
                  help="at most this many batches per file (default: all)")
   p.add_argument("--name", default=None,
-                 help="report name: <workdir>/eval/<name>.json (default: from --data)")
+                 help="report name: <workdir>/eval/<name>.json (default: from --data, or valid)")
+  g = p.add_argument_group("continuation tasks", "from held-out prompts of --data (or the "
+                           "validation split), generate N bytes with each method; report exact "
+                           "match, bpb of the generated bytes under AR, agreement with AR, "
+                           "NFE/byte, traffic/byte and bytes/s")
+  g.add_argument("--continuation_bytes", type=int, default=None,
+                 help="bytes to generate per prompt (turns the tasks on)")
+  g.add_argument("--prompt_bytes", type=int, default=None, help="bytes per prompt (default 64)")
+  g.add_argument("--prompts", type=int, default=None, help="how many prompts (default 16)")
+  g.add_argument("--methods", default=None,
+                 help=f"comma-separated, of {','.join(METHODS)} (default ar)")
+  g.add_argument("--block_size", type=int, default=None, help="BLT-D / BLT-H block size B")
+  g.add_argument("--alpha", type=float, default=None, help="BLT-D confidence threshold")
+  g.add_argument("--gamma", type=float, default=None, help="BLT-D entropy bound (EB rule)")
+  g.add_argument("--draft_len", type=int, default=None, help="BLT-S / BLT-DV draft length k")
+  g.add_argument("--block_commit", choices=BLOCK_COMMITS, default=None)
+  g.add_argument("--gate", type=float, default=None, help="BLT-H confidence gate")
+  g.add_argument("--temperature", type=float, default=None, help="0: greedy (default)")
+  g.add_argument("--top_p", type=float, default=None)
+  g.add_argument("--seed", type=int, default=0, help="sampling seed")
   p.set_defaults(fn=cmd_eval)
+
+  p = sub.add_parser("sweep", help="run every setting of a sweep file (resumable); writes "
+                     "results.jsonl, results.md and plots")
+  p.add_argument("--config", required=True,
+                 help="sweep file[:arg], e.g. experiments/sweeps/decoding.py")
+  p.add_argument("--workdir", required=True,
+                 help="sweep directory (re-running skips finished runs)")
+  p.add_argument("--dry_run", action="store_true",
+                 help="list the runs (and which are finished) without running any")
+  p.set_defaults(fn=cmd_sweep)
 
   p = sub.add_parser("calibrate", help="pick the entropy threshold for a mean patch length")
   p.add_argument("--workdir", required=True, help="workdir of a trained entropy model")
@@ -241,8 +338,6 @@ def build_parser() -> argparse.ArgumentParser:
                  help="bytes of context for the KV-cache term of the estimate")
   p.set_defaults(fn=cmd_params)
 
-  from bltjax.generate import METHODS  # pylint: disable=g-import-not-at-top
-  from bltjax.generate.diffusion import BLOCK_COMMITS  # pylint: disable=g-import-not-at-top
   p = sub.add_parser("generate", help="continue prompts with a trained BLT; print NFE, "
                      "estimated traffic and measured bytes/s per method")
   p.add_argument("--workdir", required=True,

@@ -10,10 +10,13 @@ measured bytes/s of the compiled decode (the first batch's compile is not timed)
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
 from typing import Sequence
 
+import jax
 import numpy as np
 
 from bltjax import bytes as blt_bytes
@@ -108,3 +111,210 @@ def run(model, items: ContinuationSet, *, method: str, batch_size: int = 1,
       paper_traffic_per_byte=paper / max(generated, 1),
       agreement=(None if compare_to is None else
                  float(np.mean([o == c for o, c in zip(outputs, compare_to)]))))
+
+
+# ------------------------------------------------------------------------------------
+# Several methods on one set of items (`bltjax eval --continuation_bytes`, sweeps)
+# ------------------------------------------------------------------------------------
+
+# The DecodeConfig fields each method reads; every method also reads SHARED_OPTIONS.
+METHOD_OPTIONS = {
+    "ar": (),
+    "blt_s": ("draft_len",),
+    "blt_dv": ("draft_len",),
+    "blt_d": ("block_size", "alpha", "gamma", "block_commit"),
+    "blt_h": ("block_size", "alpha", "gamma", "gate"),
+}
+SHARED_OPTIONS = ("temperature", "top_p", "prefill_chunk")
+ABBREVIATIONS = {"block_size": "B", "alpha": "a", "gamma": "g", "draft_len": "k",
+                 "block_commit": "", "gate": "gate", "temperature": "T", "top_p": "p",
+                 "prefill_chunk": "chunk", "seed": "seed"}
+
+
+def options_for(method: str, options: dict) -> dict:
+  """The options `method` reads (None values, alpha under gamma and top_p under greedy
+  dropped), so settings that decode identically compare equal."""
+  keep = METHOD_OPTIONS[method] + SHARED_OPTIONS
+  out = {k: v for k, v in options.items() if k in keep and v is not None}
+  if out.get("gamma") is not None:
+    out.pop("alpha", None)
+  if not out.get("temperature"):
+    out.pop("temperature", None)
+    out.pop("top_p", None)
+  return out
+
+
+def label(method: str, options: dict) -> str:
+  """A short name: `blt_d B=8 a=0.7`."""
+  parts = [method]
+  for key, value in options.items():
+    short = ABBREVIATIONS.get(key, key)
+    parts.append(f"{short}={value}" if short else str(value))
+  return " ".join(parts)
+
+
+def sampling_key(options: dict, seed: int = 0) -> tuple:
+  """What AR's output depends on besides the items: (temperature, top_p, seed)."""
+  temperature = float(options.get("temperature") or 0.0)
+  if not temperature:
+    return (0.0, 1.0, 0)
+  return (temperature, float(options.get("top_p", 1.0)), int(seed))
+
+
+def reference_outputs(model, items: ContinuationSet, key: tuple) -> list[bytes]:
+  """AR's outputs with the sampling of `key` (see `sampling_key`): the reference that
+  agreement is measured against."""
+  temperature, top_p, seed = key
+  options = dict(temperature=temperature, top_p=top_p) if temperature else {}
+  return run(model, items, method="ar", batch_size=1, warmup=False, seed=seed,
+             **options).outputs
+
+
+def data_config(data_cfg, data: str | None = None):
+  """A copy of `data_cfg` whose validation split is `data` (comma-separated files,
+  directories or globs); with no `data`, the copy's own validation split."""
+  cfg = data_cfg.copy_and_resolve_references()
+  if data:
+    with cfg.unlocked():
+      cfg.valid = data
+  return cfg
+
+
+def check_request(methods: Sequence[tuple[str, dict]], *, prompts: int, prompt_bytes: int,
+                  continuation_bytes: int, batch_size: int) -> None:
+  """Raises ValueError (naming the fix) on a bad method, option or size, before any work."""
+  from bltjax import generate as generate_lib  # pylint: disable=g-import-not-at-top
+  for name, value in (("prompts", prompts), ("prompt_bytes", prompt_bytes),
+                      ("continuation_bytes", continuation_bytes), ("batch_size", batch_size)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name}={value!r} must be an integer >= 1")
+  if batch_size > prompts:
+    raise ValueError(f"batch_size={batch_size} is more than prompts={prompts}; raise prompts "
+                     "or lower batch_size")
+  if not methods:
+    raise ValueError("no methods; pass e.g. --methods ar,blt_s")
+  for method, options in methods:
+    if method not in generate_lib.METHODS:
+      raise ValueError(f"method {method!r} is not one of {', '.join(generate_lib.METHODS)}")
+    fields = {f.name for f in dataclasses.fields(generate_lib.DecodeConfig)}
+    unknown = sorted(k for k in options if k not in fields or k in ("method", "max_bytes"))
+    if unknown:
+      raise ValueError(f"unknown decoding option {unknown[0]!r}; valid options: "
+                       f"{', '.join(sorted(fields - {'method', 'max_bytes'}))}")
+    generate_lib.DecodeConfig(method=method, max_bytes=continuation_bytes, **options)
+
+
+def run_methods(model, items: ContinuationSet, methods: Sequence[tuple[str, dict]], *,
+                batch_size: int = 1, seed: int = 0, on_result=None
+                ) -> list[ContinuationResult]:
+  """Runs each (method, options) on `items`, with agreement against AR under the same
+  sampling (an `ar` entry of `methods` is that reference and runs first; otherwise an
+  extra AR pass, not reported, makes it). `on_result(result)` is called after each."""
+  order = sorted(range(len(methods)), key=lambda i: methods[i][0] != "ar")
+  references: dict[tuple, list[bytes]] = {}
+  results: list[ContinuationResult | None] = [None] * len(methods)
+  for i in order:
+    method, options = methods[i]
+    key = sampling_key(options, seed)
+    if key not in references and method != "ar":
+      references[key] = reference_outputs(model, items, key)
+    sampled = {"seed": seed} if key[0] else {}
+    result = run(model, items, method=method, batch_size=batch_size,
+                 compare_to=references.get(key), **sampled, **options)
+    if method == "ar":
+      references.setdefault(key, result.outputs)
+      result.agreement = float(np.mean([o == r for o, r in zip(result.outputs,
+                                                                 references[key])]))
+    results[i] = result
+    if on_result is not None:
+      on_result(result)
+  return results
+
+
+def evaluate_workdir(workdir: str, data: str | None = None, *,
+                     methods: Sequence[tuple[str, dict]], prompts: int, prompt_bytes: int,
+                     continuation_bytes: int, batch_size: int = 1, seed: int = 0,
+                     model=None) -> dict:
+  """Continuation tasks on `data` (or the workdir's validation split): a JSON-able report.
+
+  `methods`: (method, options) pairs; `seed` is the sampling seed (the items are drawn
+  with seed 0). `model`: an already loaded `bltjax.load(workdir)` (its compiled decoders
+  are reused)."""
+  import bltjax  # pylint: disable=g-import-not-at-top
+  methods = [(m, options_for(m, o)) if m in METHOD_OPTIONS else (m, o) for m, o in methods]
+  check_request(methods, prompts=prompts, prompt_bytes=prompt_bytes,
+                continuation_bytes=continuation_bytes, batch_size=batch_size)
+  if data:
+    from bltjax import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.expand_files(data)   # a one-line error naming the fix for a bad --data
+  if model is None:
+    model = bltjax.load(workdir)
+  if model.kind != "blt":
+    raise ValueError(f"{workdir} holds an entropy model, which cannot generate; pass a BLT "
+                     "workdir for continuation tasks")
+  items = make_continuations(data_config(model.config.data, data), count=prompts,
+                             prompt_bytes=prompt_bytes, continuation_bytes=continuation_bytes)
+  results = run_methods(model, items, methods, batch_size=batch_size, seed=seed)
+  text = lambda b: b.decode("utf-8", errors="replace")
+  return dict(
+      workdir=workdir, step=int(model.step), data=data or "the validation split",
+      prompts=prompts, prompt_bytes=prompt_bytes, continuation_bytes=continuation_bytes,
+      batch_size=batch_size, seed=seed,
+      items=[dict(prompt=text(p), reference=text(r))
+             for p, r in zip(items.prompts, items.references)],
+      rows=[dict(label=label(r.method, r.options), **r.row(),
+                 outputs=[text(o) for o in r.outputs]) for r in results])
+
+
+def _fmt(value, spec: str) -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "-"
+  return format(value, spec)
+
+
+TABLE_COLUMNS = ("method", "batch", "bytes/s", "speed vs ar", "NFE/byte enc glob dec",
+                 "traffic/byte", "traffic vs ar", "agree w/ ar", "exact match", "bpb")
+
+
+def table_cells(row: dict, ar_row: dict | None) -> list[str]:
+  """One table row's cells from a `ContinuationResult.row()` dict (+ `label`); `ar_row`:
+  the AR row at the same batch size, for the ratios."""
+  from bltjax.generate import cost  # pylint: disable=g-import-not-at-top
+  nfe = " ".join(_fmt(row.get(f"nfe_{c}"), ".2f") for c in ("encoder", "global", "decoder"))
+  if row.get("nfe_entropy"):
+    nfe += f" (+ent {row['nfe_entropy']:.2f})"
+  speed = traffic = None
+  if ar_row is not None:
+    speed = row["bytes_per_s"] / ar_row["bytes_per_s"] if ar_row["bytes_per_s"] else None
+    traffic = (row["traffic_per_byte"] / ar_row["traffic_per_byte"]
+               if ar_row["traffic_per_byte"] else None)
+  return [row.get("label") or label(row["method"], row["options"]), str(row["batch_size"]),
+          _fmt(row["bytes_per_s"], ".1f"), _fmt(speed, ".2f") + ("x" if speed else ""),
+          nfe, cost.format_bytes(row["traffic_per_byte"]),
+          _fmt(traffic, ".2f") + ("x" if traffic else ""), _fmt(row.get("agreement"), ".2f"),
+          _fmt(row["exact_match"], ".2f"), _fmt(row["bpb"], ".3f")]
+
+
+def format_table(rows: Sequence[dict]) -> str:
+  """A markdown table of continuation rows (`ContinuationResult.row()` + `label`); the
+  ratios are against the (first) AR row of the same batch size."""
+  ar_rows = {}
+  for row in rows:
+    if row["method"] == "ar":
+      ar_rows.setdefault(row["batch_size"], row)
+  lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+  for row in rows:
+    lines.append("| " + " | ".join(table_cells(row, ar_rows.get(row["batch_size"]))) + " |")
+  return "\n".join(lines)
+
+
+def write_report(workdir: str, name: str, report: dict) -> str:
+  """Writes `<workdir>/eval/<name>.json` (process 0 only); returns its path."""
+  path = os.path.join(workdir, "eval", name + ".json")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+      f.write("\n")
+    os.replace(path + ".tmp", path)
+  return path

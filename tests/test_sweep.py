@@ -1,0 +1,323 @@
+"""`bltjax sweep` and the continuation tasks of `bltjax eval`, on a tiny BLT-D.
+
+The model is trained (static patching, 2 steps) by a one-run training sweep, then
+loaded once; the decoding sweep, its restarts and `bltjax eval` reuse that Model's
+compiled decoders (`bltjax.load` is patched to return it), so the whole module compiles
+each decoding program once.
+"""
+
+import json
+import os
+
+import jax
+import pytest
+
+import bltjax
+from bltjax import cli
+from bltjax import continuation
+from bltjax import sweep
+from conftest import REPO
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def write_file(path, text: str) -> str:
+  path.write_text(text)
+  return str(path)
+
+
+TRAINING_SWEEP = """
+from bltjax import sweep
+
+def get_config(arg=None):
+  return sweep.training_config(
+      experiment={experiment!r},
+      overrides=("data.train={corpus}", "data.prefetch=0", "train.steps=2",
+                 "train.save_every=2", "train.eval_every=0", "train.eval_batches=1"))
+
+def get_sweep(config):
+  return sweep.product(sweep.fixed("optim.lr", 1e-3), sweep.sweep("config.optim.warmup_steps", [1]))
+"""
+
+DECODING_SWEEP = """
+from bltjax import sweep
+
+def get_config(arg=None):
+  config = sweep.decoding_config(model={model!r}, prompts=2, prompt_bytes=16,
+                                 continuation_bytes=8, fast_compile=True)
+  return config
+
+def get_sweep(config):
+  return sweep.chain(
+      sweep.fixed("method", "ar"),
+      sweep.product(sweep.fixed("method", "blt_d"), sweep.fixed("block_size", 4),
+                    sweep.sweep("alpha", [0.5, 0.9])){extra})
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_corpus, tmp_path_factory):
+  """A one-run training sweep: the tiny BLT-D-4 every other test decodes with."""
+  root = tmp_path_factory.mktemp("sweep")
+  spec = write_file(root / "train_sweep.py", TRAINING_SWEEP.format(
+      experiment=os.path.join(REPO, "experiments", "blt_tiny.py:static,bltd4,runlocal"),
+      corpus=tiny_corpus))
+  report = sweep.run_sweep(spec, str(root / "training"), devices=jax.devices()[:1],
+                           progress=False)
+  return spec, report
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+  return bltjax.load(trained[1].rows[0]["workdir"], compiler_options=sweep.FAST_COMPILE)
+
+
+@pytest.fixture
+def shared_model(model, monkeypatch):
+  """`bltjax.load` returns the module's Model (its compiled decoders are reused)."""
+  def load(path, **kwargs):
+    del kwargs
+    assert os.path.samefile(path, model.workdir)
+    return model
+  monkeypatch.setattr(bltjax, "load", load)
+  return model
+
+
+@pytest.fixture
+def count_runs(monkeypatch):
+  """Counts `continuation.run` calls (each decodes every item with one setting)."""
+  calls = []
+  run = continuation.run
+
+  def counting(*args, **kwargs):
+    calls.append(kwargs.get("method"))
+    return run(*args, **kwargs)
+  monkeypatch.setattr(continuation, "run", counting)
+  return calls
+
+
+def test_product_zipit_chain():
+  assert sweep.product(sweep.sweep("a", [1, 2]), sweep.sweep("b", ["x", "y"])) == [
+      {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
+  assert sweep.zipit(sweep.sweep("a", [1, 2]), sweep.sweep("b", [3, 4])) == [
+      {"a": 1, "b": 3}, {"a": 2, "b": 4}]
+  assert sweep.chain(sweep.fixed("a", 0), sweep.sweep("a", [1])) == [{"a": 0}, {"a": 1}]
+  nested = sweep.product(sweep.fixed("m", "d"), sweep.zipit(sweep.sweep("B", [4, 8]),
+                                                           sweep.sweep("a", [0.5, 0.7])))
+  assert nested == [{"m": "d", "B": 4, "a": 0.5}, {"m": "d", "B": 8, "a": 0.7}]
+  with pytest.raises(sweep.SweepError, match="different lengths"):
+    sweep.zipit(sweep.sweep("a", [1, 2]), sweep.sweep("b", [1]))
+  with pytest.raises(sweep.SweepError, match="key 'a' is set by two parts"):
+    sweep.product(sweep.fixed("a", 1), sweep.fixed("a", 2))
+  with pytest.raises(sweep.SweepError, match="takes a list of values"):
+    sweep.sweep("a", "abc")
+
+
+def test_a_sweep_file_expands_into_checked_runs(tmp_path):
+  spec = write_file(tmp_path / "s.py", """
+from bltjax import sweep
+
+def get_config(arg=None):
+  config = sweep.decoding_config(model="some/model", prompts=8)
+  config.batch_sizes = (1, 4)
+  return config
+
+def get_sweep(config):
+  methods = sweep.chain(
+      sweep.product(sweep.sweep("method", ["ar", "blt_s"]), sweep.sweep("draft_len", [4, 8])),
+      sweep.product(sweep.fixed("method", "blt_d"),
+                    sweep.zipit(sweep.sweep("block_size", [4, 8]), sweep.sweep("alpha", [0.5, 1])),
+                    sweep.fixed("gate", 0.3)))
+  return sweep.product(sweep.sweep("batch_size", list(config.batch_sizes)), methods)
+""")
+  sw = sweep.load_sweep(spec)
+  # ar ignores draft_len (its 2 entries are one run), blt_d ignores gate: 2 x (1 + 2 + 2).
+  assert [r.settings for r in sw.runs[:5]] == [
+      {"method": "ar", "batch_size": 1},
+      {"method": "blt_s", "draft_len": 4, "batch_size": 1},
+      {"method": "blt_s", "draft_len": 8, "batch_size": 1},
+      {"method": "blt_d", "block_size": 4, "alpha": 0.5, "batch_size": 1},
+      {"method": "blt_d", "block_size": 8, "alpha": 1.0, "batch_size": 1}]
+  assert len(sw.runs) == 10 and sw.duplicates == 2
+  assert [r.settings["batch_size"] for r in sw.runs] == [1] * 5 + [4] * 5
+  assert sw.runs[3].id.startswith("blt_d-B4-a0.5-bs1-")
+  assert "gate" not in sw.runs[3].settings
+  assert [r.id for r in sweep.load_sweep(spec).runs] == [r.id for r in sw.runs]
+  assert len({r.id for r in sw.runs}) == 10
+  # Overrides reach get_sweep.
+  small = sweep.load_sweep(spec, ["--config.batch_sizes=(2,)"])
+  assert {r.settings["batch_size"] for r in small.runs} == {2} and len(small.runs) == 5
+  out = sweep.describe(small)
+  assert out.startswith("5 runs (decoding), 1 duplicate entries dropped")
+
+
+def test_the_shipped_sweep_files_expand(capsys):
+  decoding = os.path.join(REPO, "experiments", "sweeps", "decoding.py")
+  runs = sweep.load_sweep(decoding).runs
+  methods = [r.settings["method"] for r in runs]
+  assert len(runs) == 17 and methods.count("blt_d") == 11 and methods.count("blt_s") == 3
+  assert {r.settings["batch_size"] for r in runs} == {1}
+  assert len(sweep.load_sweep(decoding + ":batch8").runs) == 34
+  assert len(sweep.load_sweep(decoding + ":quick").runs) == 5
+  training = os.path.join(REPO, "experiments", "sweeps", "training.py")
+  runs = sweep.load_sweep(training).runs
+  assert [(r.settings["model.diffusion.block_size"], r.settings["optim.lr"]) for r in runs] == [
+      (4, 1e-3), (4, 3e-3), (8, 1e-3), (8, 3e-3)]
+  assert cli.main(["sweep", "--config", training + ":runlocal", "--workdir", "/nonexistent",
+                   "--dry_run"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("4 runs (training)") and out.count("[todo]") == 4
+
+
+@pytest.mark.parametrize("entry, message", [
+    ('{"method": "blt_d", "alhpa": 0.5}', "unknown key 'alhpa'; decoding runs take method"),
+    ('{"method": "blt_x"}', "method 'blt_x' is not one of"),
+    ('{"method": "blt_d", "alpha": "0.5"}', "alpha='0.5' must be a float"),
+    ('{"method": "blt_s", "draft_len": 1}', "draft_len >= 2"),
+    ('{"method": "ar", "batch_size": 4}', "batch_size=4 is more than prompts=2"),
+])
+def test_a_bad_entry_fails_before_any_run(tmp_path, count_runs, capsys, entry, message):
+  spec = write_file(tmp_path / "bad.py", DECODING_SWEEP.format(
+      model=str(tmp_path / "no_model"), extra=f",\n      [{entry}]"))
+  workdir = str(tmp_path / "out")
+  with pytest.raises(sweep.SweepError, match="sweep entry 3 ") as e:
+    sweep.run_sweep(spec, workdir)
+  assert message in str(e.value)
+  assert count_runs == [] and not os.path.exists(workdir)
+  assert cli.main(["sweep", "--config", spec, "--workdir", workdir]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("bltjax: error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_a_bad_training_key_fails_before_any_run(tmp_path):
+  spec = write_file(tmp_path / "bad_train.py", """
+from bltjax import sweep
+
+def get_config(arg=None):
+  return sweep.training_config(experiment={experiment!r})
+
+def get_sweep(config):
+  return [{{"optim.lr": 1e-3}}, {{"optim.lrr": 1e-3}}]
+""".format(experiment=os.path.join(REPO, "experiments", "blt_tiny.py:runlocal")))
+  with pytest.raises(sweep.SweepError, match="sweep entry 1 .*config key 'optim.lrr' does not"):
+    sweep.run_sweep(spec, str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_training_sweep_records_runs_and_skips_them_on_restart(trained):
+  spec, report = trained
+  (record,) = report.rows
+  assert report.executed == [record["id"]] and record["id"].startswith("lr=0.001-warmup_steps=1-")
+  assert record["settings"] == {"optim.lr": 1e-3, "optim.warmup_steps": 1}
+  assert record["steps"] == 2 and 0 < record["valid_bpb"] < 12
+  assert os.path.isdir(os.path.join(record["workdir"], "checkpoints", "2"))
+  with open(os.path.join(report.workdir, sweep.TABLE)) as f:
+    table = f.read()
+  assert "| optim.lr | optim.warmup_steps | steps | valid bpb |" in table
+  assert "1 of 1 runs finished" in table
+  with open(os.path.join(report.workdir, "valid_bpb.png"), "rb") as f:
+    assert f.read(8) == PNG
+  again = sweep.run_sweep(spec, report.workdir, progress=False)
+  assert again.executed == [] and again.skipped == [record["id"]]
+
+
+def test_decoding_sweep_writes_table_and_plots_and_resumes(shared_model, tmp_path, count_runs,
+                                                           capsys):
+  spec = write_file(tmp_path / "dec.py", DECODING_SWEEP.format(model=shared_model.workdir,
+                                                               extra=""))
+  workdir = str(tmp_path / "out")
+  report = sweep.run_sweep(spec, workdir, progress=False)
+  assert len(report.executed) == 3
+  assert count_runs == ["ar", "ar", "blt_d", "blt_d"]   # the AR reference, then the runs
+  rows = sweep.read_results(workdir)
+  assert set(rows) == set(report.executed)
+  ar, d5, d9 = report.rows
+  assert ar["label"] == "ar" and d5["label"] == "blt_d B=4 a=0.5"
+  assert ar["agreement"] == 1.0 and ar["model_step"] == 2
+  for row in report.rows:
+    assert row["bytes_per_s"] > 0 and row["traffic_per_byte"] > 0 and row["nfe_decoder"] > 0
+    assert 0 <= row["exact_match"] <= 1 and 0 <= row["agreement"] <= 1 and row["bpb"] > 0
+  with open(os.path.join(workdir, sweep.TABLE)) as f:
+    table = f.read()
+  assert "3 of 3 runs finished" in table and "| blt_d B=4 a=0.9 | 1 |" in table
+  assert "![quality_vs_traffic](quality_vs_traffic.png)" in table
+  for name in sweep.DECODING_PLOTS:
+    with open(os.path.join(workdir, name), "rb") as f:
+      assert f.read(8) == PNG
+
+  # Stopped after the first run (the last line cut off mid-write): the restart, through the
+  # CLI, runs the other two only, the AR reference coming from reference.json.
+  path = os.path.join(workdir, sweep.RESULTS)
+  with open(path) as f:
+    lines = f.readlines()
+  with open(path, "w") as f:
+    f.write(lines[0] + lines[1][:20])
+  del count_runs[:]
+  assert cli.main(["sweep", "--config", spec, "--workdir", workdir]) == 0
+  assert count_runs == ["blt_d", "blt_d"]
+  out = capsys.readouterr().out
+  assert "[done] ar-bs1-" in out and "[todo] blt_d-B4-a0.9-bs1-" in out
+  assert "2 run(s) done now, 1 finished before" in out
+  assert len(sweep.read_results(workdir)) == 3
+
+  # Finished: nothing runs, not even a model load.
+  del count_runs[:]
+  again = sweep.run_sweep(spec, workdir, progress=False)
+  assert count_runs == [] and again.executed == [] and len(again.skipped) == 3
+  # Another sweep config in the same workdir is refused.
+  with pytest.raises(sweep.SweepError, match="holds a sweep with another config .*prompts"):
+    sweep.run_sweep(spec, workdir, overrides=["--config.prompts=3"])
+
+
+def test_eval_continuation_tasks(shared_model, capsys):
+  workdir = shared_model.workdir
+  assert cli.main(["eval", "--workdir", workdir, "--continuation_bytes", "8",
+                   "--prompt_bytes", "16", "--prompts", "2", "--methods", "blt_d,ar",
+                   "--block_size", "4", "--alpha", "0.5", "--draft_len", "4",
+                   "--name", "cont"]) == 0
+  out = capsys.readouterr().out
+  assert "2 prompts of 16 bytes from the validation split, 8 bytes generated each" in out
+  assert "| method | batch | bytes/s |" in out and "| blt_d B=4 a=0.5 | 1 |" in out
+  with open(os.path.join(workdir, "eval", "cont.json")) as f:
+    report = json.load(f)
+  cont = report["continuation"]
+  assert report["step"] == 2 and len(cont["items"]) == 2
+  blt_d, ar = cont["rows"]          # in the order asked; AR ran first as the reference
+  assert blt_d["options"] == {"block_size": 4, "alpha": 0.5}   # draft_len: not read by blt_d
+  assert ar["options"] == {} and ar["agreement"] == 1.0
+  for row in (blt_d, ar):
+    assert len(row["outputs"]) == 2
+    for key in ("exact_match", "bpb", "agreement", "bytes_per_s", "nfe_decoder",
+                "traffic_per_byte"):
+      assert row[key] is not None
+
+
+def test_continuation_items_come_from_data(model, tiny_corpus):
+  path = os.path.join(tiny_corpus, "heapq.py")
+  report = continuation.evaluate_workdir(
+      model.workdir, path, methods=[("ar", {"draft_len": 4})], prompts=2, prompt_bytes=16,
+      continuation_bytes=8, model=model)
+  with open(path) as f:
+    text = f.read()
+  assert report["data"] == path and len(report["items"]) == 2
+  for item in report["items"]:
+    assert item["prompt"] + item["reference"] in text
+  (row,) = report["rows"]
+  assert row["method"] == "ar" and row["options"] == {} and row["agreement"] == 1.0
+
+
+def test_eval_continuation_errors(shared_model, capsys):
+  workdir = shared_model.workdir
+  cases = [
+      (["--prompts", "2"], "--prompts is an option of continuation tasks; pass "
+                           "--continuation_bytes N too"),
+      ([], "nothing to evaluate; pass --data FILES"),
+      (["--continuation_bytes", "8", "--methods", "ar,nope"], "method 'nope' is not one of"),
+      (["--continuation_bytes", "8", "--prompts", "2", "--batch_size", "3"],
+       "batch_size=3 is more than prompts=2"),
+      (["--continuation_bytes", "8", "--data", "/no/such/file.txt"], "matches no files"),
+  ]
+  for args, message in cases:
+    assert cli.main(["eval", "--workdir", workdir, *args]) == 2, args
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
