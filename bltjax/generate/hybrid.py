@@ -59,10 +59,18 @@ def generate(engine: Engine, params, state: GenState, logits, *, max_bytes: int,
     out, count, done_after, n_emit = emit(out, count, done, tokens, max_bytes,
                                           n_valid=jnp.where(use, block_size, 1))
     n_commit = jnp.where(done_after, 0, n_emit)
-    state, commit_logits, _ = diffusion_dec.commit_block(engine, params, state, tokens,
-                                                         n_commit, "forced", force=use)
-    last = jnp.clip(n_commit - 1, 0, block_size - 1)
-    logits = jnp.take_along_axis(commit_logits, last[:, None, None], axis=1)[:, 0]
+
+    def commit_blocks(state):   # some rows diffused: a block-wide commit
+      state, logits, _ = diffusion_dec.commit_block(engine, params, state, tokens, n_commit,
+                                                    "forced", force=use)
+      last = jnp.clip(n_commit - 1, 0, block_size - 1)
+      return state, jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+
+    def commit_bytes(state):    # every row took an AR byte: a one-byte extend
+      state, logits = engine.extend(params, state, tokens[:, :1], n_commit)
+      return state, logits[:, 0]
+
+    state, logits = jax.lax.cond(jnp.any(use), commit_blocks, commit_bytes, state)
     stats = {"diffusion_blocks": stats["diffusion_blocks"] + jnp.sum(use),
              "ar_bytes": stats["ar_bytes"] + jnp.sum(~use & ~done),
              "steps": stats["steps"] + steps}
