@@ -57,10 +57,9 @@ class EntropyObjective:
     nats, n_bytes = losses.cross_entropy_sums(logits, batch["targets"],
                                               losses.target_mask(batch["targets"]))
     ce = nats / jnp.maximum(n_bytes, 1.0)
-    penalty, sparsity = layers.ffn_penalty(intermediates, self.model_config.l1_coef)
-    metrics = {"ce": ce, "bpb": ce / losses.LN2}
-    if sparsity is not None:
-      metrics["ffn_sparsity"] = sparsity
+    penalty, ffn_metrics = layers.ffn_penalty(intermediates, self.model_config.l1_coef,
+                                              masks=batch["segment_ids"] > 0)
+    metrics = {"ce": ce, "bpb": ce / losses.LN2, **ffn_metrics}
     return ce + penalty, metrics
 
   def eval_sums(self, params, batch, frozen=None):
@@ -186,8 +185,10 @@ class BltObjective:
     nats, n_bytes, dropped, noisy_logits, intermediates = self._next_byte(
         params, batch, patches, noisy)
     ce = nats / jnp.maximum(n_bytes, 1.0)
-    penalty, sparsity = layers.ffn_penalty(intermediates, self.model_config.global_model.l1_coef)
     valid = batch["segment_ids"] > 0
+    penalty, ffn_metrics = layers.ffn_penalty(   # padding positions do not count
+        intermediates, self.model_config.global_model.l1_coef,
+        masks={"global_model": patches.lengths > 0, "encoder": valid, "decoder": valid})
     metrics = {"ce": ce, "bpb": ce / losses.LN2, "dropped_bytes": dropped,
                "patch_len": patcher_lib.mean_patch_length(patches, valid)}
     loss = ce + penalty
@@ -203,8 +204,7 @@ class BltObjective:
       metrics[f"masked_acc_b{size}"] = masked.accuracy
       metrics["blocks_dropped"] = jnp.sum(blocks.num_dropped) / jnp.maximum(
           jnp.sum(blocks.num_candidates), 1)
-    if sparsity is not None:
-      metrics["ffn_sparsity"] = sparsity
+    metrics.update(ffn_metrics)
     return loss, metrics
 
   def eval_sums(self, params, batch, frozen=None):

@@ -66,10 +66,11 @@ def test_relu_ffn_records_sparsity_and_l1():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 16))
   params = nn.meta.unbox(ffn.init(jax.random.PRNGKey(1), x)["params"])
   _, state = ffn.apply({"params": params}, x, mutable=["intermediates"])
-  penalty, sparsity = layers.ffn_penalty(state["intermediates"], cfg.l1_coef)
+  penalty, metrics = layers.ffn_penalty(state["intermediates"], cfg.l1_coef)
   hidden = jax.nn.relu(x @ params["up"]["kernel"])
-  np.testing.assert_allclose(penalty, 0.1 * jnp.mean(jnp.abs(hidden)), rtol=1e-5)
-  np.testing.assert_allclose(sparsity, jnp.mean(hidden == 0), rtol=1e-5)
+  # TwELL's L1: mean over positions of the sum over hidden units (one layer here).
+  np.testing.assert_allclose(penalty, 0.1 * jnp.mean(jnp.sum(jnp.abs(hidden), -1)), rtol=1e-5)
+  np.testing.assert_allclose(metrics["ffn_sparsity"], jnp.mean(hidden == 0), rtol=1e-5)
 
 
 def test_bad_transformer_shapes_are_refused_with_the_fix():

@@ -26,6 +26,9 @@ def transformer_config(section: Mapping, model: Mapping, *, use_ffn_config: bool
       activation=ffn["activation"],
       l1_coef=float(ffn["l1_coef"]),
       ffn_impl=ffn["impl"],
+      ffn_backend=str(ffn.get("backend", "")),
+      ffn_interpret=bool(ffn.get("interpret", False)),
+      ffn_dense_threshold=float(ffn.get("dense_threshold", 0.5)),
       dtype=model["dtype"],
       remat=bool(model["remat"]),
   )

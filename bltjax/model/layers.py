@@ -40,6 +40,9 @@ class TransformerConfig:
   activation: str = "swiglu"   # swiglu | relu
   l1_coef: float = 0.0         # L1 penalty on FFN hidden activations (relu sparsity)
   ffn_impl: str = "xla"        # xla | pallas (activation-sparse kernel, relu only)
+  ffn_backend: str = ""        # pallas kernel: "" (the kernel package picks), gpu, tpu, xla
+  ffn_interpret: bool = False  # pallas kernels in interpret mode (CPU tests)
+  ffn_dense_threshold: float = 0.5  # kernel occupancy above which dense matmuls run; >= 1: never
   norm_eps: float = 1e-5
   dtype: str = "float32"       # compute dtype; params stay float32
   remat: bool = False
@@ -182,8 +185,13 @@ class SelfAttention(nn.Module):
 class FeedForward(nn.Module):
   """SwiGLU `down(silu(gate(x)) * up(x))` or ReLU `down(relu(up(x)))`.
 
-  For ReLU it records the hidden activations' mean |h| (for the L1 penalty) and the
-  fraction of exact zeros in the `intermediates` collection.
+  ReLU records per position, in the `intermediates` collection, the L1 of the hidden
+  activation (`ffn_l1`, sum over the hidden units of |h|, differentiable) and its
+  fraction of exact zeros (`ffn_zero_frac`); `ffn_penalty` turns them into the L1
+  penalty and the logged sparsity. `ffn_impl="pallas"` runs the activation-sparse kernel
+  (`bltjax.model.sparse_ffn`, sharded over the mesh) and takes both numbers from the
+  kernel's statistics (also `ffn_occupancy`: the fraction of the down-projection work
+  it did), so `relu(x @ w_up)` is computed once.
   """
   config: TransformerConfig
 
@@ -200,18 +208,25 @@ class FeedForward(nn.Module):
     x = x.astype(dtype)
     if cfg.ffn_impl == "pallas":
       # Imported here: the model needs the kernel package only when it is selected.
-      from pallas_kernels import sparse_ffn  # pylint: disable=g-import-not-at-top
-      flat = x.reshape(-1, x.shape[-1])
-      out = sparse_ffn.sparse_relu_ffn(flat, w_up, w_down)
-      return out.reshape(*x.shape[:-1], cfg.d_model)
+      from bltjax.model import sparse_ffn  # pylint: disable=g-import-not-at-top
+      options = sparse_ffn.KernelOptions(
+          backend=cfg.ffn_backend or None, interpret=cfg.ffn_interpret,
+          dense_threshold=cfg.ffn_dense_threshold if cfg.ffn_dense_threshold < 1 else None)
+      out, l1, nonzeros, occupancy = sparse_ffn.relu_ffn(x, w_up, w_down, options)
+      self._record(l1, 1.0 - nonzeros / cfg.hidden_dim)
+      self.sow("intermediates", "ffn_occupancy", occupancy)
+      return out
     hidden = nn.relu(jnp.dot(x, w_up))
-    self._record_sparsity(hidden)
+    hidden32 = hidden.astype(jnp.float32)
+    self._record(jnp.sum(jnp.abs(hidden32), axis=-1),
+                 jnp.mean((hidden32 == 0).astype(jnp.float32), axis=-1))
     return jnp.dot(hidden, w_down)
 
-  def _record_sparsity(self, hidden):
-    hidden32 = hidden.astype(jnp.float32)
-    self.sow("intermediates", "ffn_abs_mean", jnp.mean(jnp.abs(hidden32)))
-    self.sow("intermediates", "ffn_zero_frac", jnp.mean((hidden32 == 0).astype(jnp.float32)))
+  def _record(self, l1, zero_frac):
+    """Per-position L1 `[..., len]` (float32) and fraction of zero hidden units."""
+    self.sow("intermediates", "ffn_l1", l1.astype(jnp.float32))
+    self.sow("intermediates", "ffn_zero_frac",
+             jax.lax.stop_gradient(zero_frac).astype(jnp.float32))
 
 
 class TransformerBlock(nn.Module):
@@ -249,11 +264,69 @@ class Transformer(nn.Module):
     return x, kvs
 
 
-def ffn_penalty(intermediates, l1_coef: float):
-  """L1 penalty and mean zero fraction from a module's `intermediates` collection."""
-  leaves = jax.tree_util.tree_leaves_with_path(intermediates)
-  abs_means = [v for path, v in leaves if "ffn_abs_mean" in jax.tree_util.keystr(path)]
-  zero_fracs = [v for path, v in leaves if "ffn_zero_frac" in jax.tree_util.keystr(path)]
-  penalty = l1_coef * sum(abs_means) if abs_means else jnp.float32(0.0)
-  sparsity = jnp.mean(jnp.stack(zero_fracs)) if zero_fracs else None
-  return penalty, sparsity
+def _ffn_layer_name(keys) -> str:
+  """Module path of a FeedForward -> a short metric name (`global_0`, `decoder_1`,
+  `layer_0` for a lone stack)."""
+  parts = [str(k) for k in keys if k not in ("ffn", "transformer", "layers")]
+  if parts and parts[-1].startswith("layer_"):
+    index = parts[-1][len("layer_"):]
+    if len(parts) >= 2:
+      stack = {"global_model": "global"}.get(parts[-2], parts[-2])
+      return "/".join(parts[:-2] + [f"{stack}_{index}"])
+    return f"layer_{index}"
+  return "/".join(parts) or "ffn"
+
+
+def ffn_penalty(intermediates, l1_coef: float, masks=None):
+  """The ReLU FFNs' L1 penalty and sparsity metrics from an `intermediates` collection.
+
+  Penalty (TwELL's): `l1_coef * mean over FFN layers of (mean over positions of the sum
+  over hidden units of |h|)`: `l1_coef` is TwELL's lambda (2e-5 .. 3e-4 in its configs).
+
+  Positions: padding does not count. `masks` is a bool array (applies to every layer
+  whose recorded positions have its shape), or a mapping from a top-level module name
+  (`global_model`, `encoder`, `decoder`) to such an array; a layer with no mask of its
+  shape (e.g. local layers over BLT-D's concatenated clean + noisy input) counts all
+  its positions.
+
+  Returns (penalty, metrics): `ffn_sparsity` (fraction of zero hidden units, mean over
+  layers), `ffn_sparsity_min`, `ffn_sparsity/<layer>` per layer, `ffn_l1` (mean over
+  layers of the per-position L1) and, from the kernel path, `ffn_occupancy` (mean
+  fraction of the down-projection work done). `(0.0, {})` without a ReLU FFN.
+  """
+  def keys_of(path):
+    return [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+
+  def mask_for(keys, shape):
+    mask = masks.get(keys[0]) if isinstance(masks, dict) else masks
+    if mask is None or tuple(mask.shape) != tuple(shape):
+      return jnp.ones(shape, jnp.float32)
+    return mask.astype(jnp.float32)
+
+  sums: dict[str, list] = {}   # layer -> [l1 sum, zero sum, positions]
+  occupancy = []
+  for path, value in jax.tree_util.tree_leaves_with_path(intermediates):
+    keys = keys_of(path)
+    if "ffn_occupancy" in keys:
+      occupancy.append(value)
+      continue
+    for stat, slot in (("ffn_l1", 0), ("ffn_zero_frac", 1)):
+      if stat in keys:
+        cut = keys.index(stat)
+        mask = mask_for(keys, value.shape)
+        acc = sums.setdefault(_ffn_layer_name(keys[:cut]), [0.0, 0.0, 0.0])
+        acc[slot] = acc[slot] + jnp.sum(value * mask)
+        if slot == 0:
+          acc[2] = acc[2] + jnp.sum(mask)
+  if not sums:
+    return jnp.float32(0.0), {}
+  l1 = {name: a[0] / jnp.maximum(a[2], 1.0) for name, a in sums.items()}
+  zero = {name: a[1] / jnp.maximum(a[2], 1.0) for name, a in sums.items()}
+  mean_l1 = sum(l1.values()) / len(l1)
+  zeros = jnp.stack(list(zero.values()))
+  metrics = {"ffn_sparsity": jnp.mean(zeros), "ffn_sparsity_min": jnp.min(zeros),
+             "ffn_l1": jax.lax.stop_gradient(mean_l1)}
+  metrics.update({f"ffn_sparsity/{name}": v for name, v in zero.items()})
+  if occupancy:
+    metrics["ffn_occupancy"] = jnp.mean(jnp.stack(occupancy))
+  return l1_coef * mean_l1, metrics
