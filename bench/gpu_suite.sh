@@ -25,11 +25,14 @@ run() {
 }
 
 # Issue 4: sparse FFN kernel vs dense XLA, forward and forward+backward (checks numerics).
-run 170 -m pallas_kernels.sparse_ffn.bench --variants sparse,auto --iters 10
+run 140 -m pallas_kernels.sparse_ffn.bench --variants sparse,auto --iters 10
 # Issue 2: ~100M entropy model train step at bf16 (MFU).
-run 80 bench/train_throughput.py --model entropy_100m --iters 5 \
+run 60 bench/train_throughput.py --model entropy_100m --iters 5 \
   --config.train.batch_size=16 --config.model.remat=true
 # Issue 3: BLT-400M and BLT-D-8-400M train steps at bf16, global vs local share.
-run 100 bench/train_throughput.py --model blt_400m --iters 5 --config.train.batch_size=16
-run 100 bench/train_throughput.py --model bltd8_400m --iters 5 --config.train.batch_size=16
+run 80 bench/train_throughput.py --model blt_400m --iters 5 --config.train.batch_size=16
+run 80 bench/train_throughput.py --model bltd8_400m --iters 5 --config.train.batch_size=16
+# Issue 4: end-to-end train step of a BLT with relu+L1 global FFNs, pallas vs xla vs dense.
+run 110 bench/sparse_ffn_train.py --preset gpu --quick --train_seconds 20 --timing_steps 10 \
+  --timing_rounds 1 --set train.batch_size=32
 exit $STATUS
