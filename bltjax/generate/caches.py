@@ -75,8 +75,8 @@ class CachedSpec:
                         axis=1, keepdims=True)
     cache_pos = jnp.where(self.cache_positions < first_new, self.cache_positions, -1)
     new_pos = jnp.where(self.valid, self.positions, -1)
-    keys = jnp.concatenate([self.cache_k.astype(k.dtype), k], axis=1)
-    values = jnp.concatenate([self.cache_v.astype(v.dtype), v], axis=1)
+    keys = (self.cache_k.astype(k.dtype), k)       # read in place, not concatenated
+    values = (self.cache_v.astype(v.dtype), v)
     k_pos = jnp.concatenate([cache_pos, new_pos], axis=1)[:, None, :]
     q_pos = self.positions[:, :, None]
     mask = attention.attention_mask(q_pos, k_pos, 0, 0, window=self.window)

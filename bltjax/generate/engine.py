@@ -60,6 +60,11 @@ class GenState:
   nfe: dict                # component -> int32 scalar calls
 
 
+# Bytes the patch pooling of a global step reads when patches have no length limit (a
+# longer patch falls back to reading the whole buffer).
+_UNLIMITED_PATCH_SPAN = 64
+
+
 def _cache_size(window: int, max_len: int, max_extend: int) -> int:
   return min(window + max_extend, max_len) if window else max_len
 
@@ -168,20 +173,32 @@ class Engine:
     cfg = self.config
     new_ids = state.num_patches[:, None] + jnp.arange(width)          # [B, G]
     new_valid = new_ids < num_closed[:, None]
-    # The bytes of the patches to pool lie in the last width + max_patch_len bytes
-    # (or anywhere, without a patch length limit).
+
+    def pool(span: int):
+      """Patch vectors `[B, G, k * d]` pooled from the last `span` bytes of each row."""
+      first = jnp.clip(state.length - span, 0, self.max_len - span)
+      window = lambda x: jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, span))(
+          x, first)
+      local_ids = window(patch_ids) - state.num_patches[:, None]
+      local_ids = jnp.where(window(jnp.arange(self.max_len)[None] < state.length[:, None]),
+                            local_ids, -1)
+      local_ids = jnp.where(local_ids < (num_closed - state.num_patches)[:, None],
+                            local_ids, -1)
+      slots = bound.encoder.pooling[0](window(state.byte_states), local_ids, width)
+      return slots.reshape(*slots.shape[:2], cfg.cross_attn_k * cfg.d_local)
+
+    # The bytes to pool (from the start of patch `num_patches` on) lie in the last
+    # width + max_patch_len bytes. Without a length limit, a window of width + 64 bytes
+    # still holds them nearly always; the whole buffer is pooled when it does not.
     longest = (self.patcher_config.patch_size if self.patcher_config.mode == "static"
                else self.patcher_config.max_patch_len)
-    span = width + longest
-    span = self.max_len if not longest or span >= self.max_len else span
-    first = jnp.clip(state.length - span, 0, self.max_len - span)
-    window = lambda x: jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, span))(x, first)
-    local_ids = window(patch_ids) - state.num_patches[:, None]
-    local_ids = jnp.where(window(jnp.arange(self.max_len)[None] < state.length[:, None]),
-                          local_ids, -1)
-    local_ids = jnp.where(local_ids < (num_closed - state.num_patches)[:, None], local_ids, -1)
-    slots = bound.encoder.pooling[0](window(state.byte_states), local_ids, width)
-    vectors = slots.reshape(*slots.shape[:2], cfg.cross_attn_k * cfg.d_local)
+    span = min(width + (longest or _UNLIMITED_PATCH_SPAN), self.max_len)
+    if longest or span == self.max_len:
+      vectors = pool(span)
+    else:
+      first_needed = jnp.sum(patch_ids < state.num_patches[:, None], axis=1)
+      fits = jnp.all(state.length - first_needed <= span)
+      vectors = jax.lax.cond(fits, lambda: pool(span), lambda: pool(self.max_len))
     specs = state.global_cache.specs(new_ids, new_valid, window=0)
     out, kvs = bound.global_model(vectors, jnp.ones_like(new_ids), new_ids, specs)
     patch_vectors = bound.decoder.patch_vectors(out).astype(state.patch_slots.dtype)

@@ -51,14 +51,21 @@ def _grouped_output(probs, v, q_shape):
 def masked_attention(q, k, v, mask):
   """Softmax attention with an explicit bool mask `[B, Q, K]` (broadcastable).
 
+  `k` and `v` may be tuples of parts along the key axis (e.g. a KV cache and the new
+  positions), so the parts are read where they lie instead of copied into one array.
   Rows with no visible key return zeros.
   """
-  scores = _grouped_scores(q, k)
+  k_parts, v_parts = (k, v) if isinstance(k, tuple) else ((k,), (v,))
+  scores = jnp.concatenate([_grouped_scores(q, part) for part in k_parts], axis=-1)
   mask = mask[:, None, None]
   scores = jnp.where(mask, scores, _NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1)
   probs = jnp.where(mask, probs, 0.0)
-  return _grouped_output(probs, v, q.shape)
+  out, start = 0, 0
+  for part in v_parts:
+    out = out + _grouped_output(probs[..., start:start + part.shape[1]], part, q.shape)
+    start += part.shape[1]
+  return out
 
 
 def dense_causal_attention(q, k, v, positions, segment_ids, *, window: int = 0):

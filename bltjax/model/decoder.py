@@ -49,6 +49,13 @@ class LocalDecoder(nn.Module):
     -> (logits `[B, T, 260]` float32, per-layer (k, v)). `attention`: one spec, or one
     per layer."""
     h = byte_states
+    batch, width = read_patch.shape
+    if width < patch_slots.shape[1]:
+      # Fewer bytes than patches (generation): gather each byte's patch first, so the
+      # cross-attention projects T * k vectors rather than all P * k.
+      idx = jnp.clip(read_patch, 0, patch_slots.shape[1] - 1)
+      patch_slots = jnp.take_along_axis(patch_slots, idx[:, :, None, None], axis=1)
+      read_patch = jnp.broadcast_to(jnp.arange(width), (batch, width))
     attend = cross_attention.ReadPatch(read_patch)
     kvs = []
     for i, layer in enumerate(self.layers.layers):
