@@ -352,8 +352,7 @@ class Model:
     compile_seconds = 0.0
     if key not in self._decoders:
       t0 = time.perf_counter()
-      engine = generate_lib.make_engine(self._objective.model_config, self.patcher_config,
-                                        self._entropy_config(), width, config)
+      engine = self.engine(width, config)
       params = {"blt": self.params, "entropy": self.frozen}
       program = generate_lib.decode_program(engine, config.structure())
       self._decoders[key] = program.lower(params, ids, lengths, rng, config.knobs()).compile(
@@ -384,6 +383,13 @@ class Model:
         stats={k: int(v) for k, v in stats.items()},
         seconds=time.perf_counter() - start, decode_seconds=decode_seconds,
         compile_seconds=compile_seconds, traffic=traffic)
+
+  def engine(self, prompt_len: int, config: generate_lib.DecodeConfig) -> generate_lib.Engine:
+    """The decoding engine for prompts of up to `prompt_len` ids (BOS included) under
+    `config`; it decodes with params `{"blt": model.params, "entropy": model.frozen}`."""
+    self._require_blt("generation")
+    return generate_lib.make_engine(self._objective.model_config, self.patcher_config,
+                                    self._entropy_config(), prompt_len, config)
 
   @property
   def nominal_patch_len(self) -> float:

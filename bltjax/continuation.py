@@ -61,11 +61,21 @@ class ContinuationResult:
   traffic_per_byte: float     # bltjax estimate (bytes)
   paper_traffic_per_byte: float  # the Fast BLT proxy (bytes)
   agreement: float | None = None  # fraction of outputs equal to the `compare_to` outputs
+  num_bytes: int = 0          # bytes generated, all rows together
 
   def row(self) -> dict:
     row = {k: v for k, v in dataclasses.asdict(self).items() if k != "outputs"}
     row.update({f"nfe_{k}": v for k, v in row.pop("nfe_per_byte").items()})
     return row
+
+
+def batch_rows(n: int, batch_size: int) -> list[range]:
+  """Rows of each generate call: `batch_size` at a time, a short remainder joining the
+  last full batch (one compiled shape, mostly)."""
+  batches = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+  if len(batches[-1]) < batch_size and len(batches) > 1:
+    batches = batches[:-1] + [range(batches[-1][0], n)]
+  return batches
 
 
 def run(model, items: ContinuationSet, *, method: str, batch_size: int = 1,
@@ -76,9 +86,7 @@ def run(model, items: ContinuationSet, *, method: str, batch_size: int = 1,
   length = len(items.references[0])
   if any(len(r) != length for r in items.references):
     raise ValueError("all references must have the same length")
-  batches = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-  if len(batches[-1]) < batch_size and len(batches) > 1:
-    batches = batches[:-1] + [range(batches[-1][0], n)]  # keep one compiled shape mostly
+  batches = batch_rows(n, batch_size)
   if warmup:   # compile (and run once) outside the timing
     model.generate([items.prompts[i] for i in batches[0]], max_bytes=length, method=method,
                    **options)
@@ -110,7 +118,8 @@ def run(model, items: ContinuationSet, *, method: str, batch_size: int = 1,
       traffic_per_byte=traffic / max(generated, 1),
       paper_traffic_per_byte=paper / max(generated, 1),
       agreement=(None if compare_to is None else
-                 float(np.mean([o == c for o, c in zip(outputs, compare_to)]))))
+                 float(np.mean([o == c for o, c in zip(outputs, compare_to)]))),
+      num_bytes=generated)
 
 
 # ------------------------------------------------------------------------------------
