@@ -25,14 +25,19 @@ run() {
 }
 
 # Issue 4: sparse FFN kernel vs dense XLA, forward and forward+backward (checks numerics).
-run 140 -m pallas_kernels.sparse_ffn.bench --variants sparse,auto --iters 10
+run 110 -m pallas_kernels.sparse_ffn.bench --variants sparse,auto --iters 10
 # Issue 2: ~100M entropy model train step at bf16 (MFU).
-run 60 bench/train_throughput.py --model entropy_100m --iters 5 \
+run 50 bench/train_throughput.py --model entropy_100m --iters 5 \
   --config.train.batch_size=16 --config.model.remat=true
-# Issue 3: BLT-400M and BLT-D-8-400M train steps at bf16, global vs local share.
-run 80 bench/train_throughput.py --model blt_400m --iters 5 --config.train.batch_size=16
+# Issue 3: the BLT-D-8-400M train step at bf16, global vs local share.
 run 80 bench/train_throughput.py --model bltd8_400m --iters 5 --config.train.batch_size=16
 # Issue 4: end-to-end train step of a BLT with relu+L1 global FFNs, pallas vs xla vs dense.
-run 110 bench/sparse_ffn_train.py --preset gpu --quick --train_seconds 20 --timing_steps 10 \
+run 90 bench/sparse_ffn_train.py --preset gpu --quick --train_seconds 20 --timing_steps 10 \
   --timing_rounds 1 --set train.batch_size=32
+# Issue 6: generation on a larger model (global 12 x 1024), BLT-D-8 trained for 25 s at
+# bf16 with static patches (no entropy model to train first), then every method's speed.
+GEN_DIR=${GEN_DIR:-/tmp/bltjax_gpu_gen}
+run 50 -m bltjax.cli train --config experiments/blt_bench.py:bltd8,large --workdir "$GEN_DIR" \
+  --config.patcher.mode=static --config.model.dtype=bfloat16 --config.train.time_budget_s=25
+run 90 bench/generation.py --workdir "$GEN_DIR" --quick --prompts 4 --batch_sizes 1 --rounds 2
 exit $STATUS

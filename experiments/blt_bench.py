@@ -6,7 +6,9 @@ Fast BLT loss (next-byte CE + masked CE weighted by 1/t). `bench/train_bench_mod
 trains it (entropy model first) for a fixed CPU budget; `bench/generation.py` measures
 every decoding method on it.
 
-Variants: `bltd4` / `bltd8` / `bltd16` (block size; default bltd8), `runlocal`.
+Variants: `bltd4` / `bltd8` / `bltd16` (block size; default bltd8), `large` (global
+12 x 1024, local 256: the GPU generation table's model, see bench/gpu_suite.sh),
+`runlocal`.
 """
 
 from bltjax import configs
@@ -45,6 +47,10 @@ def get_config(arg=None):
     for name in arg.split(","):
       if name.startswith("bltd"):
         config.model.diffusion.block_size = int(name[len("bltd"):])
+      elif name == "large":   # the GPU table's model: global 12 x 1024, local 256 wide
+        blt.encoder = configs.transformer_section(256, 1, 4, window=256, rope_theta=500000.0)
+        blt.global_model = configs.transformer_section(1024, 12, 16, rope_theta=500000.0)
+        blt.decoder = configs.transformer_section(256, 3, 4, window=256, rope_theta=500000.0)
       elif name == "runlocal":
         config.train.steps = 2
         config.train.seq_len = 64
@@ -52,5 +58,5 @@ def get_config(arg=None):
         config.model.diffusion.blocks_per_chunk = 8
         config.patcher.max_patches = 0
       else:
-        raise ValueError(f"unknown variant {name!r}; use bltd4|bltd8|bltd16|runlocal")
+        raise ValueError(f"unknown variant {name!r}; use bltd4|bltd8|bltd16|large|runlocal")
   return config

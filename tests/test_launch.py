@@ -222,3 +222,26 @@ def test_distributed_bad_environment_is_a_clear_error(env, message):
 def test_initialize_does_nothing_for_one_process():
   assert distributed.initialize({}).mode == "single"
   assert distributed.is_main()
+
+
+# --- bench/gpu_suite.sh ---------------------------------------------------------------
+
+def test_gpu_suite_dry_run_lists_every_benchmark_within_eight_minutes():
+  proc = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_suite.sh")],
+                        env=dict(os.environ, DRY_RUN="1"), capture_output=True, text=True,
+                        timeout=60, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr
+  steps = re.findall(r"^== \[(\d+) s\] \S+ (.*)$", proc.stdout, flags=re.M)
+  commands = " ".join(c for _, c in steps)
+  for bench in ("pallas_kernels.sparse_ffn.bench", "train_throughput.py --model entropy_100m",
+                "bltd8_400m", "sparse_ffn_train.py", "blt_bench.py:bltd8,large",
+                "generation.py"):
+    assert bench in commands
+  assert sum(int(b) for b, _ in steps) < 8 * 60
+  for _, command in steps:   # every script it names exists
+    target = command.split()[1] if command.startswith("-m ") else command.split()[0]
+    path = (target.replace(".", "/") + ".py" if command.startswith("-m ") and
+            not target.startswith("bltjax") else target)
+    if not command.startswith("-m bltjax"):
+      assert os.path.exists(os.path.join(REPO, path)) or os.path.isdir(
+          os.path.join(REPO, path[:-3])), path
