@@ -31,6 +31,8 @@ def main(argv=None):
                       help="patcher; empty: static patching (4 bytes)")
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--workdir", default="runs/bltd_vs_blt")
+  parser.add_argument("--eval_batches", type=int, default=16,
+                      help="validation batches (0: the whole held-out split)")
   parser.add_argument("--no_append", action="store_true")
   args, overrides = parser.parse_known_args(argv)
   rows = []
@@ -39,7 +41,8 @@ def main(argv=None):
     spec = os.path.join(REPO, "experiments", "blt_tiny.py:" + ",".join(
         v for v in (variant, "" if args.entropy_workdir else "static") if v))
     config = configs.load(spec, [f"--config.train.steps={args.steps}",
-                                 "--config.train.eval_batches=0", *overrides])
+                                 f"--config.train.eval_batches={args.eval_batches}",
+                                 *overrides])
     if args.entropy_workdir:
       config.patcher.entropy_workdir = args.entropy_workdir
     workdir = os.path.join(args.workdir, variant or "blt")
@@ -57,9 +60,13 @@ def main(argv=None):
   text = "\n".join(table)
   print(text)
   if not args.no_append:
+    batch = config.train.batch_size * config.train.seq_len
+    held_out = (f"{args.eval_batches} batches ({args.eval_batches * batch} bytes)"
+                if args.eval_batches else "all")
     common.append("BLT vs BLT-D at equal steps", text, argv=argv, note=(
-        f"experiments/blt_tiny.py, {args.steps} steps each; validation: all of the "
-        "default corpus' held-out split."))
+        f"experiments/blt_tiny.py (overrides: {' '.join(overrides) or 'none'}), "
+        f"{args.steps} steps each, same data order and patcher; validation: {held_out} "
+        "of the default corpus' held-out split."))
 
 
 if __name__ == "__main__":

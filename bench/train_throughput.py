@@ -3,6 +3,7 @@
   python bench/train_throughput.py --model entropy_100m        # ~100M entropy model, bf16
   python bench/train_throughput.py --model blt_400m            # BLT-400M (paper shape), bf16
   python bench/train_throughput.py --model blt_400m --small    # a CPU-sized smoke run
+  python bench/train_throughput.py --model bltd8_tiny --iters 3  # the demo's BLT-D on CPU
 
 For the BLT it also times the global transformer alone (forward + backward on the same
 batch's patch vectors) to report the global and local parts' share of the step. MFU
@@ -36,6 +37,10 @@ MODELS = {
                                        "--config.patcher.patch_size=4"]),
     "bltd8_400m": ("blt_paper.py:400m,bltd8", ["--config.patcher.mode=static",
                                                "--config.patcher.patch_size=4"]),
+    # The CPU demo's models as they train (float32).
+    "entropy_tiny": ("entropy_tiny.py", []),
+    "blt_tiny": ("blt_tiny.py:static", []),
+    "bltd8_tiny": ("blt_tiny.py:bltd8,static", []),
 }
 SMALL = ["--config.train.seq_len=256", "--config.train.batch_size=2",
          "--config.model.dtype=float32", "--config.patcher.max_patches=96"]
