@@ -41,3 +41,10 @@ def append(title: str, body: str, *, argv=None, note: str = "", path: str = RESU
             f"{git_commit()})\n\nCommand: `{command(argv)}`. {note}\n\n")
   with open(path, "a", encoding="utf-8") as f:
     f.write(header + body.rstrip() + "\n")
+
+
+def markdown_table(columns, rows) -> str:
+  """A markdown table: `columns` names, `rows` lists of cell strings."""
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+  return "\n".join(lines)

@@ -125,9 +125,7 @@ def format_row(row) -> str:
 
 
 def format_table(rows) -> str:
-  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-  lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-  return "\n".join(lines)
+  return common.markdown_table(COLUMNS, [_cells(row) for row in rows])
 
 
 if __name__ == "__main__":

@@ -492,9 +492,9 @@ def format_row(row) -> str:
 
 
 def format_table(rows) -> str:
-  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-  lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-  return "\n".join(lines)
+  sys.path.insert(0, REPO)
+  from bench import common  # pylint: disable=g-import-not-at-top  (imports jax: jax side only)
+  return common.markdown_table(COLUMNS, [_cells(r) for r in rows])
 
 
 def header(args, report) -> str:
