@@ -277,7 +277,7 @@ class Engine:
                                                      width)
     # An extension of T bytes closes at most T patches but usually about T / 4.5: the
     # global model runs on a few slots when they suffice (on CPU a call over 8 patches
-    # costs twice one over 2), on all T otherwise.
+    # costs ~1.6x one over 2), on all T otherwise.
     group = min(width, 1 + -(-width // 4))
     run = step(width) if group == width else lambda s: jax.lax.cond(
         jnp.all(num_closed - s.num_patches <= group), step(group), step(width), s)
