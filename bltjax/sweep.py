@@ -57,6 +57,7 @@ import ml_collections
 
 from bltjax import configs
 from bltjax import continuation
+from bltjax import metrics
 
 KINDS = ("decoding", "training")
 RESULTS = "results.jsonl"
@@ -504,24 +505,27 @@ def _run_decoding(sw: Sweep, workdir: str, pending: list[Run], finished: dict, *
     result = continuation.run(model, items, method=method,
                               batch_size=run.settings["batch_size"],
                               compare_to=references[ref_key], **sampled, **options)
-    record = dict(id=run.id, settings=run.settings, label=continuation.label(method, options),
-                  **result.row(), model=cfg.model, model_step=model.step,
-                  seconds=time.perf_counter() - start,
-                  finished=datetime.datetime.now().isoformat(timespec="seconds"))
-    _append(workdir, record)
-    finished[run.id] = record
+    _finish(workdir, run, finished, start, label=continuation.label(method, options),
+            **result.row(), model=cfg.model, model_step=model.step)
     executed.append(run.id)
   return executed
+
+
+def _finish(sweep_dir: str, run: Run, finished: dict, start: float, **fields) -> None:
+  """Records a finished run (its settings, `fields`, duration and time) in results.jsonl
+  and in `finished`."""
+  record = dict(id=run.id, settings=run.settings, **fields,
+                seconds=time.perf_counter() - start,
+                finished=datetime.datetime.now().isoformat(timespec="seconds"))
+  _append(sweep_dir, record)
+  finished[run.id] = record
 
 
 def _last_train_metrics(run_dir: str) -> dict:
   path = os.path.join(run_dir, "metrics.jsonl")
   out = {}
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        row = json.loads(line)
-        out.update({k: v for k, v in row.items() if k.startswith("train/")})
+  for row in metrics.read_jsonl(path) if os.path.exists(path) else []:
+    out.update({k: v for k, v in row.items() if k.startswith("train/")})
   return out
 
 
@@ -538,14 +542,9 @@ def _run_training(sw: Sweep, workdir: str, pending: list[Run], finished: dict, *
     start = time.perf_counter()
     valid = train.train(config, run_dir, progress=False, devices=devices) or {}
     last = _last_train_metrics(run_dir)
-    record = dict(id=run.id, settings=run.settings, workdir=run_dir,
-                  steps=int(config.train.steps),
-                  valid_bpb=valid.get("bpb"), train_loss=last.get("train/loss"),
-                  train_bpb=last.get("train/bpb"), bytes_per_s=last.get("train/bytes_per_s"),
-                  seconds=time.perf_counter() - start,
-                  finished=datetime.datetime.now().isoformat(timespec="seconds"))
-    _append(workdir, record)
-    finished[run.id] = record
+    _finish(workdir, run, finished, start, workdir=run_dir, steps=int(config.train.steps),
+            valid_bpb=valid.get("bpb"), train_loss=last.get("train/loss"),
+            train_bpb=last.get("train/bpb"), bytes_per_s=last.get("train/bytes_per_s"))
     executed.append(run.id)
   return executed
 
