@@ -37,8 +37,10 @@ def command(argv=None) -> str:
 
 def append(title: str, body: str, *, argv=None, note: str = "", path: str = RESULTS) -> None:
   """Appends a section `## title (device, date, commit)` with the command and `body`."""
+  flags = f", XLA_FLAGS `{os.environ['XLA_FLAGS']}`" if os.environ.get("XLA_FLAGS") else ""
   header = (f"\n## {title} ({device_name()}, {datetime.date.today().isoformat()}, commit "
-            f"{git_commit()})\n\nCommand: `{command(argv)}`. {note}\n\n")
+            f"{git_commit()}, jax {jax.__version__}{flags})\n\nCommand: `{command(argv)}`. "
+            f"{note}\n\n")
   with open(path, "a", encoding="utf-8") as f:
     f.write(header + body.rstrip() + "\n")
 

@@ -72,7 +72,9 @@ def main(argv=None):
   elif args.small:
     overrides += ["--config.model.entropy.n_layers=2"]
   config = configs.load(os.path.join(REPO, "experiments", experiment), overrides)
+  clock = time.perf_counter()
   trainer = train.Trainer(config, "/tmp/bltjax_throughput")
+  print(f"trainer built in {time.perf_counter() - clock:.1f} s", flush=True)
   tcfg = config.train
   rng = np.random.default_rng(0)
   tokens = rng.integers(4, 260, (tcfg.batch_size, tcfg.seq_len + 1)).astype(np.int32)
@@ -80,10 +82,15 @@ def main(argv=None):
   batch = sharding.make_global_batch(
       {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
        "segment_ids": np.ones((tcfg.batch_size, tcfg.seq_len), np.int32)}, trainer.mesh)
+  clock = time.perf_counter()
   state = trainer.init_state(jax.random.PRNGKey(0))
+  jax.block_until_ready(state)
+  print(f"state initialised in {time.perf_counter() - clock:.1f} s", flush=True)
 
+  clock = time.perf_counter()
   state = trainer.train_step(state, batch, trainer.frozen)[0]   # compile (state is donated)
   jax.block_until_ready(state)
+  print(f"first step (compile) in {time.perf_counter() - clock:.1f} s", flush=True)
   start = time.perf_counter()
   for _ in range(args.iters):
     state = trainer.train_step(state, batch, trainer.frozen)[0]
