@@ -12,10 +12,13 @@
 # reported (a timed-out step prints every thread's Python stack, so the log says where
 # the time went) and the suite goes on. DRY_RUN=1 prints the commands only.
 #
-# XLA's GPU autotuning is off by default (--xla_gpu_autotune_level=0): on an H200 with
-# jax 0.11 compiling a 100M-parameter train step with it took longer than the step's
-# whole budget. cuBLAS's heuristics pick the GEMM algorithms instead; set XLA_FLAGS= (empty)
-# to autotune. LOG_COMPILES=1 logs every compilation and its duration.
+# Compilation is most of each step's budget: on an H200 (jax 0.11.2) the unrolled init of
+# a 185M BLT compiled in 79 s. Every model here scans its global / entropy layers
+# (model.scan_layers: one compiled block, ~8x fewer fusions; on CPU it costs 25-30% step
+# time, see bench/compile_time.py, whose --step_iters measures that on a GPU too), and
+# XLA's GPU autotuning is off (--xla_gpu_autotune_level=0: cuBLAS's heuristics pick the
+# GEMM algorithms; set XLA_FLAGS= (empty) to autotune). LOG_COMPILES=1 logs every
+# compilation and its duration.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export GIT_COMMIT=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -44,20 +47,21 @@ for step in $STEPS; do
     # at bf16 with static patches (no entropy model to train first), then every method.
     gen_train) run 100 -m bltjax.cli train --config experiments/blt_bench.py:bltd8,large \
         --workdir "$GEN_DIR" --config.patcher.mode=static --config.model.dtype=bfloat16 \
-        --config.train.time_budget_s=20 ;;
+        --config.model.scan_layers=true --config.train.time_budget_s=20 ;;
     generation) run 150 bench/generation.py --workdir "$GEN_DIR" --quick --prompts 4 \
         --batch_sizes 1 --rounds 2 ;;
     # Issue 2: ~100M entropy model train step at bf16 (MFU).
     entropy_100m) run 60 bench/train_throughput.py --model entropy_100m --iters 5 \
-        --config.train.batch_size=16 --config.model.remat=true ;;
+        --config.train.batch_size=16 --config.model.remat=true --config.model.scan_layers=true ;;
     # Issue 3: the BLT-D-8-400M train step at bf16, global vs local share.
     bltd8_400m) run 80 bench/train_throughput.py --model bltd8_400m --iters 5 \
-        --config.train.batch_size=16 ;;
+        --config.train.batch_size=16 --config.model.scan_layers=true ;;
     # Issue 4: sparse FFN kernel vs dense XLA, forward and forward+backward (checks numerics).
     sparse_ffn) run 45 -m pallas_kernels.sparse_ffn.bench --variants sparse,auto --iters 10 ;;
     # Issue 4: end-to-end train step of a BLT with relu+L1 global FFNs, pallas vs xla vs dense.
     sparse_ffn_train) run 40 bench/sparse_ffn_train.py --preset gpu --quick --train_seconds 10 \
-        --timing_steps 10 --timing_rounds 1 --set train.batch_size=32 ;;
+        --timing_steps 10 --timing_rounds 1 --set train.batch_size=32 \
+        --set model.scan_layers=true ;;
     *) echo "unknown step '$step' (steps: gen_train generation entropy_100m bltd8_400m" \
             "sparse_ffn sparse_ffn_train)"; exit 2 ;;
   esac

@@ -168,6 +168,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.kind = "entropy"      # entropy: train the patcher's entropy model
   config.model.dtype = "float32"     # compute dtype: float32 | bfloat16 (params stay float32)
   config.model.remat = False         # recompute activations in the backward pass
+  config.model.scan_layers = False   # global/entropy stacks as one scanned block: compile
+                                     # time independent of depth (params [layers, ...])
   config.model.ffn = ml_collections.ConfigDict(dict(
       activation="swiglu",           # swiglu | relu
       l1_coef=0.0,                   # L1 on relu activations (sparsity)

@@ -32,6 +32,7 @@ RULES = (
     ("mlp", "tensor"),
     ("vocab", None),
     ("hash_vocab", None),
+    ("layers", None),          # the stacked axis of scanned blocks
 )
 
 

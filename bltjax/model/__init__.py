@@ -9,11 +9,13 @@ from bltjax.model import patcher as patcher_lib
 from bltjax.model.blt_config import BltConfig
 
 
-def transformer_config(section: Mapping, model: Mapping, *, use_ffn_config: bool = True
-                       ) -> layers.TransformerConfig:
+def transformer_config(section: Mapping, model: Mapping, *, use_ffn_config: bool = True,
+                       scannable: bool = True) -> layers.TransformerConfig:
   """A `config.model.<component>` section + model-wide options -> TransformerConfig.
 
-  `use_ffn_config=False` keeps the reference SwiGLU FFN (local models by default)."""
+  `use_ffn_config=False` keeps the reference SwiGLU FFN (local models by default).
+  `scannable=False`: the stack never scans its layers (the local encoder and decoder
+  run their blocks one by one, between cross-attentions)."""
   ffn = model["ffn"] if use_ffn_config else dict(activation="swiglu", l1_coef=0.0, impl="xla")
   return layers.TransformerConfig(
       d_model=int(section["d_model"]),
@@ -31,6 +33,7 @@ def transformer_config(section: Mapping, model: Mapping, *, use_ffn_config: bool
       ffn_dense_threshold=float(ffn.get("dense_threshold", 0.5)),
       dtype=model["dtype"],
       remat=bool(model["remat"]),
+      scan_layers=scannable and bool(model.get("scan_layers", False)),
   )
 
 
@@ -50,7 +53,8 @@ def patcher_config(section: Mapping, *, threshold: float | None = None,
 def blt_config(model: Mapping) -> BltConfig:
   """`config.model` (kind "blt") -> BltConfig."""
   blt = model["blt"]
-  local = lambda name: transformer_config(blt[name], model, use_ffn_config=blt["ffn_local"])
+  local = lambda name: transformer_config(blt[name], model, use_ffn_config=blt["ffn_local"],
+                                          scannable=False)
   return BltConfig(
       encoder=local("encoder"),
       global_model=transformer_config(blt["global_model"], model),

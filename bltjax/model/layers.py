@@ -46,6 +46,8 @@ class TransformerConfig:
   norm_eps: float = 1e-5
   dtype: str = "float32"       # compute dtype; params stay float32
   remat: bool = False
+  scan_layers: bool = False    # one scanned block (params stacked [layers, ...]): compile
+                               # time independent of depth; for stacks run whole
 
   def __post_init__(self):
     if self.d_model % self.n_heads:
@@ -234,8 +236,11 @@ class TransformerBlock(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, positions, attention):
+  def __call__(self, x, positions, attention, layer_attention=None):
+    """`layer_attention`, when given, replaces `attention` (the scanned stack passes a
+    shared spec and per-layer specs separately)."""
     cfg = self.config
+    attention = attention if layer_attention is None else layer_attention
     normed = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x)
     attn_out, kv = SelfAttention(cfg, name="attn")(normed, positions, attention)
     h = x + attn_out
@@ -249,19 +254,58 @@ class Transformer(nn.Module):
 
   `attention`: one spec for every layer, or a tuple with one spec per layer. Returns
   (x, per-layer (k, v)).
+
+  With `config.scan_layers` the blocks are one `nn.scan`ned block whose params are
+  stacked under `layers` with a leading `[n_layers]` axis (logical axis "layers"), so
+  XLA compiles one block, not `n_layers` copies; `layers` (the list) then does not
+  exist, so stacks that interleave other modules between blocks (the local decoder)
+  do not scan.
   """
   config: TransformerConfig
 
   def setup(self):
-    block = nn.remat(TransformerBlock) if self.config.remat else TransformerBlock
-    self.layers = [block(self.config, name=f"layer_{i}") for i in range(self.config.n_layers)]
+    cfg = self.config
+    block = nn.remat(TransformerBlock) if cfg.remat else TransformerBlock
+    if cfg.scan_layers:
+      self.scanned = nn.scan(
+          block, variable_axes={"params": 0, "intermediates": 0},
+          split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, 0),
+          length=cfg.n_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+    else:
+      self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.n_layers)]
 
   def __call__(self, x, positions, attention):
+    if self.config.scan_layers:
+      shared, per_layer = (None, attention) if isinstance(attention, tuple) else (attention, None)
+      if per_layer is not None:
+        if len({jax.tree.structure(spec) for spec in per_layer}) > 1:
+          raise ValueError("model.scan_layers needs the per-layer attention specs to be of "
+                           "one kind (same type and window); got "
+                           f"{[jax.tree.structure(spec) for spec in per_layer]}")
+        per_layer = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_layer)
+      x, (k, v) = self.scanned(x, positions, shared, per_layer)
+      return x, [(k[i], v[i]) for i in range(len(self))]
     kvs = []
     for i, layer in enumerate(self.layers):
       x, kv = layer(x, positions, attention[i] if isinstance(attention, tuple) else attention)
       kvs.append(kv)
     return x, kvs
+
+  def __len__(self) -> int:
+    return self.config.n_layers
+
+
+def stack_layers(stack_params):
+  """One unscanned stack's params `{layer_0: ..., layer_1: ...}` -> the scanned layout
+  `{layers: ...}` (each leaf stacked `[n_layers, ...]`), e.g. to run a converted
+  checkpoint with `model.scan_layers`."""
+  names = [f"layer_{i}" for i in range(len(stack_params))]
+  if sorted(stack_params) != sorted(names):
+    raise ValueError(f"expected the params of one unscanned stack ({', '.join(names)}), got "
+                     f"keys {sorted(stack_params)}")
+  return {"layers": jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                                 *(stack_params[n] for n in names))}
 
 
 def _ffn_layer_name(keys) -> str:
@@ -275,6 +319,21 @@ def _ffn_layer_name(keys) -> str:
       return "/".join(parts[:-2] + [f"{stack}_{index}"])
     return f"layer_{index}"
   return "/".join(parts) or "ffn"
+
+
+def _per_layer_leaves(intermediates):
+  """(module path keys, value) of each recorded leaf; a scanned stack's leaves
+  `[n_layers, ...]` are split into one per layer, named `layer_<i>` as unscanned."""
+  for path, value in jax.tree_util.tree_leaves_with_path(intermediates):
+    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+    scanned = [j for j, key in enumerate(keys[:-1])
+               if key == "layers" and not str(keys[j + 1]).startswith("layer_")]
+    if not scanned:
+      yield keys, value
+      continue
+    j = scanned[-1]
+    for i in range(value.shape[0]):
+      yield keys[:j] + [f"layer_{i}"] + keys[j + 1:], value[i]
 
 
 def ffn_penalty(intermediates, l1_coef: float, masks=None):
@@ -294,9 +353,6 @@ def ffn_penalty(intermediates, l1_coef: float, masks=None):
   layers of the per-position L1) and, from the kernel path, `ffn_occupancy` (mean
   fraction of the down-projection work done). `(0.0, {})` without a ReLU FFN.
   """
-  def keys_of(path):
-    return [getattr(k, "key", getattr(k, "idx", None)) for k in path]
-
   def mask_for(keys, shape):
     mask = masks.get(keys[0]) if isinstance(masks, dict) else masks
     if mask is None or tuple(mask.shape) != tuple(shape):
@@ -305,8 +361,7 @@ def ffn_penalty(intermediates, l1_coef: float, masks=None):
 
   sums: dict[str, list] = {}   # layer -> [l1 sum, zero sum, positions]
   occupancy = []
-  for path, value in jax.tree_util.tree_leaves_with_path(intermediates):
-    keys = keys_of(path)
+  for keys, value in _per_layer_leaves(intermediates):
     if "ffn_occupancy" in keys:
       occupancy.append(value)
       continue
