@@ -1,0 +1,80 @@
+"""Why AR decoding at batch 8 is not 8x batch 1 on CPU: XLA:CPU's matmul of a few rows.
+
+A decode step multiplies `[rows, d]` activations by every weight matrix once; with few
+rows it should cost the weights' bytes (memory bandwidth) whatever the row count. This
+times a chain of 24 `[rows, 512] @ [512, 2048]` float32 matmuls (100 MB of weights,
+more than the caches) at rows 1, 2, 8 and 16, with the weights stored `[in, out]` (how
+bltjax stores kernels) and `[out, in]`, and reports weight GB/s. On the 2-core CPU VM
+8 rows take ~3x the time of 1 row (bench/RESULTS.md): the global model over 8 rows x 1
+patch costs ~3-4x one row, which is the batch-8 AR gap of bench/generation.py, not the
+KV cache (a head-major cache and reading only the used cache prefix were tried and
+measured no change).
+
+  python bench/cpu_gemm.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+
+D, F, LAYERS = 512, 2048, 24
+
+
+def chain(x, kernels, *, out_in: bool):
+  for w in kernels:
+    y = jnp.einsum("md,fd->mf", x, w) if out_in else x @ w
+    x = jnp.tanh(y)[:, :D]
+  return x
+
+
+def fastest(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--no_append", action="store_true")
+  args = parser.parse_args(argv)
+  keys = jax.random.split(jax.random.PRNGKey(0), LAYERS)
+  in_out = [jax.random.normal(k, (D, F)) for k in keys]
+  out_in = [w.T.copy() for w in in_out]
+  weight_bytes = LAYERS * D * F * 4
+  rows = []
+  for m in (1, 2, 8, 16):
+    x = jax.random.normal(jax.random.PRNGKey(1), (m, D))
+    cells = [str(m)]
+    for layout, kernels in (("in_out", in_out), ("out_in", out_in)):
+      fn = jax.jit(lambda x, ks, layout=layout: chain(x, ks, out_in=layout == "out_in"))
+      seconds = fastest(fn, x, kernels, repeats=args.repeats)
+      cells.append(f"{1e3 * seconds:.2f} ms ({weight_bytes / seconds / 1e9:.1f} GB/s)")
+    print(" | ".join(cells), flush=True)
+    rows.append(cells)
+  table = common.markdown_table(
+      ["rows", "kernels [in, out] (bltjax)", "kernels [out, in]"], rows)
+  print(table)
+  if not args.no_append:
+    common.append("XLA matmul of a few rows: time and weight bandwidth", table, argv=argv,
+                  note=f"{LAYERS} chained [rows, {D}] x [{D}, {F}] float32 matmuls "
+                       f"({weight_bytes / 1e6:.0f} MB of weights), fastest of "
+                       f"{args.repeats}.")
+
+
+if __name__ == "__main__":
+  main()
