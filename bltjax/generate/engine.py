@@ -22,6 +22,7 @@ each component are counted in the state; a call counts once whatever the batch.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import flax.struct
 import jax
@@ -63,6 +64,16 @@ class GenState:
 # Bytes the patch pooling of a global step reads when patches have no length limit (a
 # longer patch falls back to reading the whole buffer).
 _UNLIMITED_PATCH_SPAN = 64
+
+
+class GlobalUpdate(NamedTuple):
+  """A global step's outputs for up to `width` new patches `[B, width]` (padded)."""
+  ids: jax.Array             # [B, width] patch ids
+  valid: jax.Array           # [B, width] bool: a new closed patch
+  kvs: list                  # per layer (k, v) `[B, width, kv_heads, head_dim]`
+  patch_vectors: jax.Array   # [B, width, k, d_local]
+  num_patches: jax.Array     # [B] closed patches after the step
+  calls: jax.Array           # () int32: 1 if the global model ran, else 0
 
 
 def _cache_size(window: int, max_len: int, max_extend: int) -> int:
@@ -168,9 +179,10 @@ class Engine:
     return dict(nfe, **{component: nfe[component] + amount})
 
   def _global_step(self, bound, state: GenState, patch_ids, num_closed, group: int,
-                   width: int):
-    """Pools, runs and stores every patch closed since `state.num_patches` after an
-    extension of `width` bytes; the caller guarantees at most `group` of them."""
+                   width: int) -> GlobalUpdate:
+    """Pools and runs every patch closed since `state.num_patches` after an extension of
+    `width` bytes (the caller guarantees at most `group` of them); the update is padded
+    to `width` patch slots."""
     cfg = self.config
     new_ids = state.num_patches[:, None] + jnp.arange(group)          # [B, G]
     new_valid = new_ids < num_closed[:, None]
@@ -203,14 +215,22 @@ class Engine:
     specs = state.global_cache.specs(new_ids, new_valid, window=0)
     out, kvs = bound.global_model(vectors, jnp.ones_like(new_ids), new_ids, specs)
     patch_vectors = bound.decoder.patch_vectors(out).astype(state.patch_slots.dtype)
-    rows = jnp.arange(new_ids.shape[0])[:, None]
-    where = jnp.where(new_valid, new_ids, self.max_patches)
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, width - group)] + [(0, 0)] * (x.ndim - 2))
+    return GlobalUpdate(ids=pad(new_ids), valid=pad(new_valid),
+                        kvs=jax.tree.map(pad, kvs), patch_vectors=pad(patch_vectors),
+                        num_patches=jnp.maximum(num_closed, state.num_patches),
+                        calls=jnp.ones((), jnp.int32))
+
+  def _apply_global(self, state: GenState, update: GlobalUpdate) -> GenState:
+    """Stores a global step's outputs (nothing where `update.valid` is False)."""
+    rows = jnp.arange(update.ids.shape[0])[:, None]
+    where = jnp.where(update.valid, update.ids, self.max_patches)
     return dataclasses.replace(
         state,
-        global_cache=state.global_cache.write(kvs, new_ids, new_valid),
-        patch_slots=state.patch_slots.at[rows, where].set(patch_vectors, mode="drop"),
-        num_patches=jnp.maximum(num_closed, state.num_patches),
-        nfe=self._count(state.nfe, "global"))
+        global_cache=state.global_cache.write(update.kvs, update.ids, update.valid),
+        patch_slots=state.patch_slots.at[rows, where].set(update.patch_vectors, mode="drop"),
+        num_patches=jnp.maximum(update.num_patches, state.num_patches),
+        nfe=self._count(state.nfe, "global", update.calls))
 
   # ----------------------------------------------------------------------------------
   # extend / rollback
@@ -281,8 +301,13 @@ class Engine:
     group = min(width, 1 + -(-width // 4))
     run = step(width) if group == width else lambda s: jax.lax.cond(
         jnp.all(num_closed - s.num_patches <= group), step(group), step(width), s)
-    state = jax.lax.cond(jnp.any(num_closed > state.num_patches), run, lambda s: s, state)
-    return state, next_patch_ids
+    # The branches return the new patches' outputs, not the state: a branch that wrote
+    # the caches would make XLA copy them whole, every step (the other branch passes
+    # them through); the one write below updates them in place.
+    skip = lambda s: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                  jax.eval_shape(run, s))
+    update = jax.lax.cond(jnp.any(num_closed > state.num_patches), run, skip, state)
+    return self._apply_global(state, update), next_patch_ids
 
   def close_patch(self, params, state: GenState, where):
     """Ends the open patch of the rows in `where` `[B]` (forces a start at their next
