@@ -44,8 +44,7 @@ def measure(config, step_iters: int) -> dict:
   batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=trainer.batch_sharding)
            for k in ("inputs", "targets", "segment_ids")}
   start = time.perf_counter()
-  step = trainer._jit_train_step.trace(trainer.abstract_state, batch,  # pylint: disable=protected-access
-                                       trainer.frozen).lower().compile()
+  step = trainer.lower_train_step(batch).compile()
   step_s = time.perf_counter() - start
   row = dict(init_s=init_s, init_fusions=init.as_text().count(" fusion("),
              step_s=step_s, step_fusions=step.as_text().count(" fusion("), step_ms=None)

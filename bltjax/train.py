@@ -138,6 +138,12 @@ class Trainer:
     with sharding.use_mesh(self.mesh):
       return self._jit_train_step(state, batch, frozen)
 
+  def lower_train_step(self, batch):
+    """`train_step` lowered for `batch` (arrays or ShapeDtypeStructs); `.compile()` is
+    the executable it runs (for measuring compilation)."""
+    with sharding.use_mesh(self.mesh):
+      return self._jit_train_step.trace(self.abstract_state, batch, self.frozen).lower()
+
   def eval_step(self, params, batch, frozen):
     """Sums of CE nats and target bytes of one batch (jitted)."""
     with sharding.use_mesh(self.mesh):

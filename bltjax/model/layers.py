@@ -277,7 +277,8 @@ class Transformer(nn.Module):
 
   def __call__(self, x, positions, attention):
     if self.config.scan_layers:
-      shared, per_layer = (None, attention) if isinstance(attention, tuple) else (attention, None)
+      per_layer = attention if isinstance(attention, tuple) else None
+      shared = None if per_layer is not None else attention
       if per_layer is not None:
         if len({jax.tree.structure(spec) for spec in per_layer}) > 1:
           raise ValueError("model.scan_layers needs the per-layer attention specs to be of "
@@ -285,15 +286,12 @@ class Transformer(nn.Module):
                            f"{[jax.tree.structure(spec) for spec in per_layer]}")
         per_layer = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_layer)
       x, (k, v) = self.scanned(x, positions, shared, per_layer)
-      return x, [(k[i], v[i]) for i in range(len(self))]
+      return x, [(k[i], v[i]) for i in range(self.config.n_layers)]
     kvs = []
     for i, layer in enumerate(self.layers):
       x, kv = layer(x, positions, attention[i] if isinstance(attention, tuple) else attention)
       kvs.append(kv)
     return x, kvs
-
-  def __len__(self) -> int:
-    return self.config.n_layers
 
 
 def stack_layers(stack_params):
