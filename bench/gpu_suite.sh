@@ -4,7 +4,8 @@
 # on the GPU machine:
 #
 #   bash ../shared/gpu/fetch_wheels.sh tensorboardX      # once, here: wheels for grain etc.
-#   (device) source .whl/activate.sh && bash bench/gpu_suite.sh
+#   (device) export GIT_COMMIT=<git rev-parse --short HEAD, read here: the copy there
+#            may have no .git>; source .whl/activate.sh && bash bench/gpu_suite.sh
 #   (device) ... bash bench/gpu_suite.sh gen_train generation   # only these steps
 #
 # Steps, most wanted first: gen_train generation entropy_100m bltd8_400m sparse_ffn
