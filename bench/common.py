@@ -45,6 +45,15 @@ def append(title: str, body: str, *, argv=None, note: str = "", path: str = RESU
     f.write(header + body.rstrip() + "\n")
 
 
+def read_output(path: str, made_by: str) -> str:
+  """The text of a file another command writes; a missing one stops the script with the
+  command that makes it (`made_by`)."""
+  if not os.path.isfile(path):
+    raise SystemExit(f"{path} not found: run {made_by} first")
+  with open(path, encoding="utf-8") as f:
+    return f.read()
+
+
 def markdown_table(columns, rows) -> str:
   """A markdown table: `columns` names, `rows` lists of cell strings."""
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

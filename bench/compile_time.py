@@ -22,14 +22,12 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
 from bench import train_throughput  # noqa: E402
 from bltjax import configs  # noqa: E402
-from bltjax import sharding  # noqa: E402
 from bltjax import train  # noqa: E402
 
 
@@ -39,20 +37,14 @@ def measure(config, step_iters: int) -> dict:
   start = time.perf_counter()
   init = trainer.init_state.trace(rng).lower().compile()
   init_s = time.perf_counter() - start
-  tcfg = config.train
-  shape = (tcfg.batch_size, tcfg.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=trainer.batch_sharding)
-           for k in ("inputs", "targets", "segment_ids")}
   start = time.perf_counter()
-  step = trainer.lower_train_step(batch).compile()
+  step = trainer.lower_train_step(
+      train.abstract_batch(config.train.batch_size, config.train.seq_len)).compile()
   step_s = time.perf_counter() - start
   row = dict(init_s=init_s, init_fusions=init.as_text().count(" fusion("),
              step_s=step_s, step_fusions=step.as_text().count(" fusion("), step_ms=None)
   if step_iters:
-    tokens = np.random.default_rng(0).integers(4, 260, (shape[0], shape[1] + 1), np.int32)
-    real = sharding.make_global_batch(
-        {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-         "segment_ids": np.ones(shape, np.int32)}, trainer.mesh)
+    real = train_throughput.synthetic_batch(trainer)
     state = init(rng)
     state = step(state, real, trainer.frozen)[0]    # warm-up
     times = []

@@ -40,12 +40,9 @@ def main(argv=None):
   parser.add_argument("--workdir", default="runs/demo")
   parser.add_argument("--no_append", action="store_true")
   args = parser.parse_args(argv)
-  path = os.path.join(args.workdir, "summary.json")
-  if not os.path.isfile(path):
-    raise SystemExit(f"{path} not found: run `make demo` (or `bltjax demo --workdir "
-                     f"{args.workdir}`) first")
-  with open(path, encoding="utf-8") as f:
-    summary = json.load(f)
+  summary = json.loads(common.read_output(
+      os.path.join(args.workdir, "summary.json"),
+      f"`make demo` (or `bltjax demo --workdir {args.workdir}`)"))
   text = table(summary)
   print(text)
   if not args.no_append:

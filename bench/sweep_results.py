@@ -22,12 +22,9 @@ def main(argv=None):
   parser.add_argument("--command", required=True, help="the bltjax sweep command that made it")
   parser.add_argument("--no_append", action="store_true")
   args = parser.parse_args(argv)
-  path = os.path.join(args.workdir, "results.md")
-  if not os.path.isfile(path):
-    raise SystemExit(f"{path} not found: run the sweep first (bltjax sweep --workdir "
-                     f"{args.workdir} ...)")
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
+  lines = common.read_output(os.path.join(args.workdir, "results.md"),
+                             f"the sweep (bltjax sweep --workdir {args.workdir} ...)"
+                             ).splitlines()
   title = lines[0].lstrip("# ").strip()
   body = "\n".join(line for line in lines[1:] if not line.startswith("!["))
   print(body)

@@ -56,6 +56,17 @@ def timed(fn, *args, iters: int):
   return (time.perf_counter() - start) / iters
 
 
+def synthetic_batch(trainer: train.Trainer) -> dict:
+  """Random bytes after BOS, one document per row, `[batch, seq_len]` on the mesh."""
+  tcfg = trainer.config.train
+  tokens = np.random.default_rng(0).integers(4, 260, (tcfg.batch_size, tcfg.seq_len + 1))
+  tokens = tokens.astype(np.int32)
+  tokens[:, 0] = 1
+  return sharding.make_global_batch(
+      {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+       "segment_ids": np.ones((tcfg.batch_size, tcfg.seq_len), np.int32)}, trainer.mesh)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", choices=sorted(MODELS), default="entropy_100m")
@@ -76,12 +87,7 @@ def main(argv=None):
   trainer = train.Trainer(config, "/tmp/bltjax_throughput")
   print(f"trainer built in {time.perf_counter() - clock:.1f} s", flush=True)
   tcfg = config.train
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(4, 260, (tcfg.batch_size, tcfg.seq_len + 1)).astype(np.int32)
-  tokens[:, 0] = 1
-  batch = sharding.make_global_batch(
-      {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-       "segment_ids": np.ones((tcfg.batch_size, tcfg.seq_len), np.int32)}, trainer.mesh)
+  batch = synthetic_batch(trainer)
   clock = time.perf_counter()
   state = trainer.init_state(jax.random.PRNGKey(0))
   jax.block_until_ready(state)
