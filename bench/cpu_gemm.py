@@ -7,8 +7,8 @@ more than the caches) at rows 1, 2, 8 and 16, with the weights stored `[in, out]
 bltjax stores kernels) and `[out, in]`, and reports weight GB/s. On the 2-core CPU VM
 8 rows take ~3x the time of 1 row (bench/RESULTS.md): the global model over 8 rows x 1
 patch costs ~3-4x one row, which is the batch-8 AR gap of bench/generation.py, not the
-KV cache (a head-major cache and reading only the used cache prefix were tried and
-measured no change).
+KV cache (a head-major cache and reading only the used cache prefix were tried in
+scratch A/B runs, not recorded, and changed nothing beyond the machine's drift).
 
   python bench/cpu_gemm.py
 """
