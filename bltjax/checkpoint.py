@@ -11,6 +11,7 @@ the iterator is positioned by the step instead.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from typing import Any
@@ -112,7 +113,7 @@ def read_config(workdir: str):
         f"{path} does not exist: {workdir!r} is not a bltjax workdir; pass the --workdir of "
         "a `bltjax train` run")
   with open(path, encoding="utf-8") as f:
-    config = configs.from_json(f.read())
+    config = configs.from_json(json.dumps(configs.with_defaults(json.load(f))))
   entropy_workdir = config.get("patcher", {}).get("entropy_workdir", "")
   if entropy_workdir and not os.path.isabs(entropy_workdir):
     inside = os.path.join(workdir, entropy_workdir)

@@ -129,6 +129,21 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   return config
 
 
+def with_defaults(saved: dict) -> dict:
+  """A saved config (`config.json` as a dict) with the keys it lacks taken from
+  `base_config()`: a key added to bltjax after the run was saved defaults to the behaviour
+  the run had, so older workdirs still load and resume."""
+  def merge(defaults: dict, values: dict) -> dict:
+    out = dict(values)
+    for key, default in defaults.items():
+      if key not in out:
+        out[key] = default
+      elif isinstance(default, dict) and isinstance(out[key], dict):
+        out[key] = merge(default, out[key])
+    return out
+  return merge(json.loads(to_json(base_config())), saved)
+
+
 def check_fields(section: ml_collections.ConfigDict | dict, name: str, allowed: dict) -> None:
   """Checks enumerated string fields: `allowed` maps key -> tuple of allowed values."""
   for key, values in allowed.items():

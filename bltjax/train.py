@@ -70,7 +70,7 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+      saved = configs.with_defaults(json.load(f))
     for section in ("model",):
       # Compared as JSON (tuples come back as lists).
       if saved.get(section) != json.loads(configs.to_json(config[section])):

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from bltjax import checkpoint
 from bltjax import configs
 from bltjax import metrics
 from bltjax import train
@@ -55,6 +56,23 @@ def test_workdir_of_another_model_is_refused(tiny_corpus, tmp_path):
   other = tiny_entropy_config(tiny_corpus, train__steps=2, model__entropy__d_model=64)
   with pytest.raises(configs.ConfigError, match="another model"):
     train_on_one_device(other, workdir)
+
+
+def test_workdir_saved_before_a_config_key_existed_still_resumes_and_loads(tiny_corpus,
+                                                                          tmp_path):
+  workdir = str(tmp_path / "run")
+  train_on_one_device(tiny_entropy_config(tiny_corpus, train__steps=1, train__eval_every=0),
+                      workdir)
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    saved = json.load(f)
+  del saved["model"]["scan_layers"]   # as written by a bltjax without that key
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  assert checkpoint.read_config(workdir).model.scan_layers is False
+  train_on_one_device(tiny_entropy_config(tiny_corpus, train__steps=2, train__eval_every=0),
+                      workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "2"
 
 
 def test_workdir_records_config_metrics_and_tensorboard(tiny_corpus, tmp_path):
