@@ -67,7 +67,7 @@ for step in $STEPS; do
     # Issue 8: transformers' BLT port (torch, on the GPU) vs bltjax AR on the same ~80M
     # random model, batch 1; transformers comes from .whl/hf (bench/fetch_hf_wheels.sh).
     hf_peer)
-      if [ "${DRY_RUN:-0}" != 1 ] && ! python3 -m pip install -q --no-index --no-deps \
+      if [ "${DRY_RUN:-0}" != 1 ] && ! "$PY" -m pip install -q --no-index --no-deps \
           --no-compile --upgrade --target /tmp/site_hf .whl/hf/*.whl; then
         echo "!! hf_peer: no transformers wheels in .whl/hf (run bench/fetch_hf_wheels.sh)"
         STATUS=1; continue

@@ -594,6 +594,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--prompt_bytes", type=int, default=64)
     q.add_argument("--max_bytes", type=int, default=256)
     q.add_argument("--batch_sizes", type=parse_batches, default=[1, 8])
+    q.add_argument("--device", default="cpu", help="torch device of the port (cpu, cuda)")
 
   def jax_args(q):
     q.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up")
@@ -614,7 +615,6 @@ def parser() -> argparse.ArgumentParser:
   q.add_argument("--hf", required=True)
   q.add_argument("--out", required=True, help="JSON file")
   q.add_argument("--threads", type=int, default=0, help="torch threads (0: the faster of 1 and all cores)")
-  q.add_argument("--device", default="cpu", help="torch device of the port (cpu, cuda)")
   q.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
   q.add_argument("--prompt_file", default=None,
                  help="a JSON list of prompts of equal byte length (default: windows of "
@@ -635,7 +635,6 @@ def parser() -> argparse.ArgumentParser:
                                           else sys.executable),
                  help="the Python with torch and transformers (default: "
                       f"{DEFAULT_HF_PYTHON} when it exists, else this one)")
-  q.add_argument("--device", default="cpu", help="torch device of the port (cpu, cuda)")
   q.add_argument("--seed", type=int, default=0)
   q.add_argument("--fresh", action="store_true", help="redo the steps whose output exists")
   port_args(q)

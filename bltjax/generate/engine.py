@@ -307,8 +307,9 @@ class Engine:
     # The branches return the new patches' outputs, not the state: a branch that wrote
     # the caches would make XLA copy them whole, every step (the other branch passes
     # them through); the one write below updates them in place.
+    # Every branch pads its update to `width` slots: the smallest one gives the shapes.
     skip = lambda s: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                                  jax.eval_shape(run, s))
+                                  jax.eval_shape(step(groups[0]), s))
     update = jax.lax.cond(jnp.any(num_closed > state.num_patches), run, skip, state)
     return self._apply_global(state, update), next_patch_ids
 
