@@ -20,14 +20,14 @@ from bltjax.model import attention
 
 @flax.struct.dataclass
 class KVCache:
-  k: jax.Array          # [layers, batch, size, kv_heads, head_dim]
-  v: jax.Array          # [layers, batch, size, kv_heads, head_dim]
+  k: jax.Array          # [layers, batch, kv_heads, size, head_dim]
+  v: jax.Array          # [layers, batch, kv_heads, head_dim, size]
   positions: jax.Array  # [batch, size] int32, -1 = empty
 
   @classmethod
   def empty(cls, n_layers: int, batch: int, size: int, kv_heads: int, head_dim: int, dtype):
-    shape = (n_layers, batch, size, kv_heads, head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+    return cls(jnp.zeros((n_layers, batch, kv_heads, size, head_dim), dtype),
+               jnp.zeros((n_layers, batch, kv_heads, head_dim, size), dtype),
                jnp.full((batch, size), -1, jnp.int32))
 
   @property
@@ -39,11 +39,15 @@ class KVCache:
     (only where `valid`). T must not exceed the cache size."""
     slots = jnp.where(valid, positions % self.size, self.size)   # invalid -> dropped
     rows = jnp.arange(positions.shape[0])[:, None]
-    k = jnp.stack([kv[0] for kv in kvs]).astype(self.k.dtype)
-    v = jnp.stack([kv[1] for kv in kvs]).astype(self.v.dtype)
-    return KVCache(
-        k=self.k.at[:, rows, slots].set(k, mode="drop"),
-        v=self.v.at[:, rows, slots].set(v, mode="drop"),
+    # [layers, batch, T, kv_heads, head_dim] -> the cache's layouts (see the fields)
+    k = jnp.stack([kv[0] for kv in kvs]).astype(self.k.dtype).transpose(0, 1, 3, 2, 4)
+    v = jnp.stack([kv[1] for kv in kvs]).astype(self.v.dtype).transpose(0, 1, 3, 4, 2)
+    heads = jnp.arange(self.k.shape[2])[None, :, None]
+    dims = jnp.arange(self.v.shape[3])[None, None, :, None]
+    return KVCache(   # index arrays broadcast to [batch, heads, (head_dim,) T]
+        k=self.k.at[:, rows[:, :, None], heads, slots[:, None, :]].set(k, mode="drop"),
+        v=self.v.at[:, rows[:, :, None, None], heads[..., None], dims,
+                    slots[:, None, None, :]].set(v, mode="drop"),
         positions=self.positions.at[rows, slots].set(positions, mode="drop"))
 
   def specs(self, positions, valid, *, window: int, block_start=None) -> tuple:
@@ -62,8 +66,8 @@ class CachedSpec:
   then new positions at or after `block_start` see each other bidirectionally (a BLT-D
   block), while the cache is seen causally as always.
   """
-  cache_k: jax.Array          # [batch, size, kv_heads, head_dim]
-  cache_v: jax.Array
+  cache_k: jax.Array          # [batch, kv_heads, size, head_dim]
+  cache_v: jax.Array          # [batch, kv_heads, head_dim, size]
   cache_positions: jax.Array  # [batch, size]
   positions: jax.Array        # [batch, T] of the new queries/keys
   valid: jax.Array            # [batch, T] bool
@@ -75,8 +79,9 @@ class CachedSpec:
                         axis=1, keepdims=True)
     cache_pos = jnp.where(self.cache_positions < first_new, self.cache_positions, -1)
     new_pos = jnp.where(self.valid, self.positions, -1)
-    keys = (self.cache_k.astype(k.dtype), k)       # read in place, not concatenated
-    values = (self.cache_v.astype(v.dtype), v)
+    # read in place, not concatenated
+    keys = (attention.CachedKeys(self.cache_k.astype(k.dtype)), k)
+    values = (attention.CachedValues(self.cache_v.astype(v.dtype)), v)
     k_pos = jnp.concatenate([cache_pos, new_pos], axis=1)[:, None, :]
     q_pos = self.positions[:, :, None]
     mask = attention.attention_mask(q_pos, k_pos, 0, 0, window=self.window)

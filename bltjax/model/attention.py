@@ -34,17 +34,51 @@ def attention_mask(q_pos, k_pos, q_seg, k_seg, *, window: int = 0, causal: bool 
   return mask
 
 
+@flax.struct.dataclass
+class CachedKeys:
+  """Keys stored `[B, G, K, D]` (a KV cache's layout). XLA:CPU's batched matmul reads
+  its right operand with the contracted axis minor-most: a cache in that layout is read
+  as it lies, where `[B, K, G, D]` would be transposed whole on every decoding step."""
+  x: jax.Array
+
+  @property
+  def length(self) -> int:
+    return self.x.shape[2]
+
+
+@flax.struct.dataclass
+class CachedValues:
+  """Values stored `[B, G, D, K]` (a KV cache's layout; see CachedKeys)."""
+  x: jax.Array
+
+  @property
+  def length(self) -> int:
+    return self.x.shape[3]
+
+
+def _length(part) -> int:
+  return part.length if isinstance(part, (CachedKeys, CachedValues)) else part.shape[1]
+
+
 def _grouped_scores(q, k):
-  """q `[B, Q, H, D]`, k `[B, K, G, D]` -> scores `[B, G, H/G, Q, K]` in float32."""
+  """q `[B, Q, H, D]`, k `[B, K, G, D]` or CachedKeys -> scores `[B, G, H/G, Q, K]` f32."""
   b, q_len, heads, head_dim = q.shape
-  groups = k.shape[2]
+  cached = isinstance(k, CachedKeys)
+  groups = k.x.shape[1] if cached else k.shape[2]
   q = q.reshape(b, q_len, groups, heads // groups, head_dim)
-  scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k, preferred_element_type=jnp.float32)
+  if cached:
+    scores = jnp.einsum("bqgrd,bgkd->bgrqk", q, k.x, preferred_element_type=jnp.float32)
+  else:
+    scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k, preferred_element_type=jnp.float32)
   return scores * (head_dim ** -0.5)
 
 
 def _grouped_output(probs, v, q_shape):
-  out = jnp.einsum("bgrqk,bkgd->bqgrd", probs.astype(v.dtype), v)
+  """probs `[B, G, H/G, Q, K]`, v `[B, K, G, D]` or CachedValues -> `[B, Q, H, D]`."""
+  if isinstance(v, CachedValues):
+    out = jnp.einsum("bgrqk,bgdk->bqgrd", probs.astype(v.x.dtype), v.x)
+  else:
+    out = jnp.einsum("bgrqk,bkgd->bqgrd", probs.astype(v.dtype), v)
   return out.reshape(q_shape)
 
 
@@ -63,8 +97,8 @@ def masked_attention(q, k, v, mask):
   probs = jnp.where(mask, probs, 0.0)
   out, start = 0, 0
   for part in v_parts:
-    out = out + _grouped_output(probs[..., start:start + part.shape[1]], part, q.shape)
-    start += part.shape[1]
+    out = out + _grouped_output(probs[..., start:start + _length(part)], part, q.shape)
+    start += _length(part)
   return out
 
 
