@@ -6,6 +6,7 @@ layout of a `bltjax convert` output), so generation runs the whole online-patchi
 path; that entropy model's directory is itself an entropy-model workdir.
 """
 
+import math
 import os
 import shutil
 
@@ -152,6 +153,15 @@ def test_every_method_on_a_ragged_batch(model):
   assert again.compile_seconds == 0.0 and model.compiles == before
   assert not [e for e in compiles if "backend_compile" in e]
   assert len(again.texts) == 3
+  # The prefill is timed apart only when asked (one more compile, then cached).
+  assert math.isnan(again.prefill_seconds) and math.isnan(again.generation_bytes_per_s)
+  timed = model.generate(["class A:", "x = 1", "y"], max_bytes=20, method="ar",
+                         time_prefill=True)
+  assert model.compiles == before + 1 and timed.tokens == again.tokens
+  assert timed.prefill_seconds > 0   # timings themselves are benchmarks, not asserted
+  assert timed.generation_seconds == timed.decode_seconds - timed.prefill_seconds
+  model.generate(["class A:", "x = 1", "y"], max_bytes=20, method="ar", time_prefill=True)
+  assert model.compiles == before + 1
 
 
 def test_same_seed_same_sampled_text_for_ar_and_blt_s(model):

@@ -129,6 +129,14 @@ def decode_program(engine: Engine, structure: DecodeConfig):
       engine, params, ids, lengths, structure, rng, knobs))
 
 
+@functools.lru_cache(maxsize=64)
+def prefill_program(engine: Engine):
+  """The prefill that `decode` starts with, jitted alone: (params, ids, lengths) ->
+  (state, logits). It times a request's prompt apart from its generation."""
+  return jax.jit(lambda params, ids, lengths: engine.prefill(
+      params, engine.init_state(ids.shape[0]), ids, lengths))
+
+
 def jitted_decode(engine: Engine, config: DecodeConfig):
   """(params, ids, lengths, rng) -> DecodeResult for this config; configs that differ
   only in numeric knobs reuse one compiled program."""
@@ -137,4 +145,4 @@ def jitted_decode(engine: Engine, config: DecodeConfig):
 
 
 __all__ = ["COMPONENTS", "EMBEDDED", "DecodeConfig", "DecodeResult", "Engine", "METHODS",
-           "decode", "decode_program", "jitted_decode", "make_engine"]
+           "decode", "decode_program", "jitted_decode", "make_engine", "prefill_program"]
