@@ -289,7 +289,8 @@ def _fmt(value, spec: str) -> str:
 
 # bytes/s and speed: the generation loop (prefill apart); "with prefill": the whole decode.
 TABLE_COLUMNS = ("method", "batch", "bytes/s", "speed vs ar", "with prefill",
-                 "NFE/byte enc glob dec", "traffic/byte", "traffic vs ar", "agree w/ ar", "exact match", "bpb")
+                 "NFE/byte enc glob dec", "traffic/byte", "traffic vs ar", "agree w/ ar",
+                 "exact match", "bpb")
 
 
 def table_cells(row: dict, ar_row: dict | None) -> list[str]:
