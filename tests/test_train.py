@@ -40,7 +40,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_corpus, t
   workdir = str(tmp_path / "nan")
   config = tiny_entropy_config(tiny_corpus, train__steps=6, train__log_every=3,
                                train__save_every=1, train__eval_every=0,
-                               optim__lr=1e30, optim__warmup_steps=0, optim__clip_norm=0.0)
+                               optim__lr=1e30, optim__warmup_steps=0)
   with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step") as info:
     train_on_one_device(config, workdir)
   saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
