@@ -370,29 +370,21 @@ class Model:
 
     key = (len(rows), width, config.structure())
     params = {"blt": self.params, "entropy": self.frozen}
-    compile_seconds = 0.0
-    if key not in self._decoders:
-      t0 = time.perf_counter()
-      program = generate_lib.decode_program(self.engine(width, config), config.structure())
-      self._decoders[key] = program.lower(params, ids, lengths, rng, config.knobs()).compile(
-          self.compiler_options or None)
-      self.compiles += 1
-      compile_seconds = time.perf_counter() - t0
+    decode, compile_seconds = self._compiled(
+        key, lambda: generate_lib.decode_program(self.engine(width, config),
+                                                 config.structure()),
+        params, ids, lengths, rng, config.knobs())
     prefill_seconds = float("nan")
     if time_prefill:
-      prefill_key = ("prefill",) + key
-      if prefill_key not in self._decoders:
-        t0 = time.perf_counter()
-        program = generate_lib.prefill_program(self.engine(width, config))
-        self._decoders[prefill_key] = program.lower(params, ids, lengths).compile(
-            self.compiler_options or None)
-        self.compiles += 1
-        compile_seconds += time.perf_counter() - t0
+      prefill, seconds = self._compiled(
+          ("prefill",) + key, lambda: generate_lib.prefill_program(self.engine(width, config)),
+          params, ids, lengths)
+      compile_seconds += seconds
       t0 = time.perf_counter()
-      jax.block_until_ready(self._decoders[prefill_key](params, ids, lengths))
+      jax.block_until_ready(prefill(params, ids, lengths))
       prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = self._decoders[key](params, ids, lengths, rng, config.knobs())
+    result = decode(params, ids, lengths, rng, config.knobs())
     result = jax.block_until_ready(result)
     decode_seconds = time.perf_counter() - t0
 
@@ -414,6 +406,16 @@ class Model:
         stats={k: int(v) for k, v in stats.items()},
         seconds=time.perf_counter() - start, decode_seconds=decode_seconds,
         compile_seconds=compile_seconds, traffic=traffic, prefill_seconds=prefill_seconds)
+
+  def _compiled(self, key, make_program, *args):
+    """The executable of `make_program()` compiled ahead of time for `args` (cached under
+    `key` with this model's compiler options) and the seconds this call spent compiling."""
+    if key in self._decoders:
+      return self._decoders[key], 0.0
+    t0 = time.perf_counter()
+    self._decoders[key] = make_program().lower(*args).compile(self.compiler_options or None)
+    self.compiles += 1
+    return self._decoders[key], time.perf_counter() - t0
 
   def engine(self, prompt_len: int, config: generate_lib.DecodeConfig) -> generate_lib.Engine:
     """The decoding engine for prompts of up to `prompt_len` ids (BOS included) under
