@@ -7,6 +7,13 @@ sees. With `size >= window + longest extension`, a slot is only overwritten once
 old position has left every future query's window, and rolling back (BLT-S rejecting
 a draft) needs no copy: stale positions past the accepted length are masked out by the
 next extension, which rewrites them.
+
+Two ways to attend over a cache: `CachedSpec` reads the cache and the new positions as
+they are (nothing is written: a BLT-D block, or the global model, whose write happens
+outside the conditional that runs it); `StoringSpec` writes the new positions' keys
+into the cache first and then attends over the cache alone, so the attention reads what
+the write produced and XLA updates each layer's cache in place (after a read-then-write,
+the read and the write are unordered and XLA copies the whole cache, twice per step).
 """
 
 from __future__ import annotations
@@ -20,14 +27,18 @@ from bltjax.model import attention
 
 @flax.struct.dataclass
 class KVCache:
-  k: jax.Array          # [layers, batch, kv_heads, size, head_dim]
-  v: jax.Array          # [layers, batch, kv_heads, head_dim, size]
-  positions: jax.Array  # [batch, size] int32, -1 = empty
+  """One array per layer (a stacked `[layers, ...]` cache would be read through a layer
+  slice, which XLA:CPU materialises: a copy of every layer's cache on every step)."""
+  k: tuple[jax.Array, ...]   # per layer [batch, kv_heads, size, head_dim]
+  v: tuple[jax.Array, ...]   # per layer [batch, kv_heads, head_dim, size]
+  positions: jax.Array       # [batch, size] int32, -1 = empty
 
   @classmethod
   def empty(cls, n_layers: int, batch: int, size: int, kv_heads: int, head_dim: int, dtype):
-    return cls(jnp.zeros((n_layers, batch, kv_heads, size, head_dim), dtype),
-               jnp.zeros((n_layers, batch, kv_heads, head_dim, size), dtype),
+    return cls(tuple(jnp.zeros((batch, kv_heads, size, head_dim), dtype)
+                     for _ in range(n_layers)),
+               tuple(jnp.zeros((batch, kv_heads, head_dim, size), dtype)
+                     for _ in range(n_layers)),
                jnp.full((batch, size), -1, jnp.int32))
 
   @property
@@ -37,24 +48,65 @@ class KVCache:
   def write(self, kvs, positions, valid) -> "KVCache":
     """Stores per-layer (k, v) `[batch, T, kv_heads, head_dim]` of new positions `[batch, T]`
     (only where `valid`). T must not exceed the cache size."""
-    slots = jnp.where(valid, positions % self.size, self.size)   # invalid -> dropped
-    rows = jnp.arange(positions.shape[0])[:, None]
-    # [layers, batch, T, kv_heads, head_dim] -> the cache's layouts (see the fields)
-    k = jnp.stack([kv[0] for kv in kvs]).astype(self.k.dtype).transpose(0, 1, 3, 2, 4)
-    v = jnp.stack([kv[1] for kv in kvs]).astype(self.v.dtype).transpose(0, 1, 3, 4, 2)
-    heads = jnp.arange(self.k.shape[2])[None, :, None]
-    dims = jnp.arange(self.v.shape[3])[None, None, :, None]
-    return KVCache(   # index arrays broadcast to [batch, heads, (head_dim,) T]
-        k=self.k.at[:, rows[:, :, None], heads, slots[:, None, :]].set(k, mode="drop"),
-        v=self.v.at[:, rows[:, :, None, None], heads[..., None], dims,
-                    slots[:, None, None, :]].set(v, mode="drop"),
-        positions=self.positions.at[rows, slots].set(positions, mode="drop"))
+    return KVCache(
+        k=tuple(_store_keys(c, kv[0], positions, valid) for c, kv in zip(self.k, kvs)),
+        v=tuple(_store_values(c, kv[1], positions, valid) for c, kv in zip(self.v, kvs)),
+        positions=_store_positions(self.positions, positions, valid))
 
   def specs(self, positions, valid, *, window: int, block_start=None) -> tuple:
-    """One `CachedSpec` per layer for queries at `positions` `[batch, T]`."""
-    return tuple(CachedSpec(self.k[i], self.v[i], self.positions, positions, valid,
-                            block_start, window=window)
-                 for i in range(self.k.shape[0]))
+    """One `CachedSpec` per layer for queries at `positions` `[batch, T]` (reads only)."""
+    return tuple(CachedSpec(k, v, self.positions, positions, valid, block_start,
+                            window=window)
+                 for k, v in zip(self.k, self.v))
+
+  def storing_specs(self, positions, valid, *, window: int) -> tuple:
+    """One `StoringSpec` per layer: the stack writes the new positions `[batch, T]` (where
+    `valid`, a prefix of each row) and returns the written layers for `with_stored`."""
+    return tuple(StoringSpec(k, v, self.positions, positions, valid, window=window)
+                 for k, v in zip(self.k, self.v))
+
+  def with_stored(self, stored, positions, valid) -> "KVCache":
+    """The cache after a stack ran on `storing_specs(positions, valid)`: `stored` is the
+    stack's per-layer (k, v), here the written cache layers."""
+    return KVCache(k=tuple(kv[0] for kv in stored), v=tuple(kv[1] for kv in stored),
+                   positions=_store_positions(self.positions, positions, valid))
+
+
+def _slots(positions, valid, size: int):
+  """Cache slots of positions `[batch, T]`; invalid ones get `size` (dropped)."""
+  return jnp.where(valid, positions % size, size)
+
+
+def _store_positions(cache_positions, positions, valid):
+  rows = jnp.arange(positions.shape[0])[:, None]
+  return cache_positions.at[rows, _slots(positions, valid, cache_positions.shape[1])].set(
+      positions, mode="drop")
+
+
+def _store_keys(cache_k, k, positions, valid):
+  """cache_k `[batch, kv_heads, size, head_dim]` with k `[batch, T, kv_heads, head_dim]` at
+  the slots of `positions`; one scatter, index arrays broadcast to `[batch, heads, T]`."""
+  slots = _slots(positions, valid, cache_k.shape[2])
+  rows = jnp.arange(k.shape[0])[:, None, None]
+  heads = jnp.arange(k.shape[2])[None, :, None]
+  return cache_k.at[rows, heads, slots[:, None, :]].set(
+      k.astype(cache_k.dtype).transpose(0, 2, 1, 3), mode="drop")
+
+
+def _store_values(cache_v, v, positions, valid):
+  """cache_v `[batch, kv_heads, head_dim, size]` with v `[batch, T, kv_heads, head_dim]`."""
+  slots = _slots(positions, valid, cache_v.shape[3])
+  rows = jnp.arange(v.shape[0])[:, None, None, None]
+  heads = jnp.arange(v.shape[2])[None, :, None, None]
+  dims = jnp.arange(v.shape[3])[None, None, :, None]
+  return cache_v.at[rows, heads, dims, slots[:, None, None, :]].set(
+      v.astype(cache_v.dtype).transpose(0, 2, 3, 1), mode="drop")
+
+
+def _first_new(positions, valid):
+  """`[batch, 1]`: the first valid new position of each row (int32 max if none)."""
+  return jnp.min(jnp.where(valid, positions, jnp.iinfo(jnp.int32).max), axis=1,
+                 keepdims=True)
 
 
 @flax.struct.dataclass
@@ -75,8 +127,7 @@ class CachedSpec:
   window: int = flax.struct.field(pytree_node=False, default=0)
 
   def __call__(self, q, k, v):
-    first_new = jnp.min(jnp.where(self.valid, self.positions, jnp.iinfo(jnp.int32).max),
-                        axis=1, keepdims=True)
+    first_new = _first_new(self.positions, self.valid)
     cache_pos = jnp.where(self.cache_positions < first_new, self.cache_positions, -1)
     new_pos = jnp.where(self.valid, self.positions, -1)
     # read in place, not concatenated
@@ -91,3 +142,55 @@ class CachedSpec:
       mask = mask | (is_new[None, None] & in_block(k_pos) & in_block(q_pos) & (k_pos >= 0))
     mask = mask & self.valid[:, :, None]
     return attention.masked_attention(q, keys, values, mask)
+
+
+@flax.struct.dataclass
+class StoringSpec:
+  """Causal (windowed) attention of T new positions that first stores their keys and
+  values in the cache, then attends over the cache alone (see the module docstring).
+
+  The stack calls `store(k, v)` (through `attention.with_new_keys`) and attends with the
+  `CacheView` it returns; the layer returns the written cache arrays in place of its
+  (k, v). Slots of positions after the last new one may hold a rejected draft's keys:
+  they are masked out (they are never before a query, and the cache's size keeps every
+  position a query may see from being overwritten).
+  """
+  cache_k: jax.Array          # [batch, kv_heads, size, head_dim]
+  cache_v: jax.Array          # [batch, kv_heads, head_dim, size]
+  cache_positions: jax.Array  # [batch, size]
+  positions: jax.Array        # [batch, T]
+  valid: jax.Array            # [batch, T] bool, a prefix of each row
+  window: int = flax.struct.field(pytree_node=False, default=0)
+
+  def store(self, k, v):
+    """k, v `[batch, T, kv_heads, head_dim]` -> (the `CacheView` to attend with, the
+    written (cache_k, cache_v))."""
+    cache_k = _store_keys(self.cache_k, k, self.positions, self.valid)
+    cache_v = _store_values(self.cache_v, v, self.positions, self.valid)
+    last_new = jnp.max(jnp.where(self.valid, self.positions, -1), axis=1, keepdims=True)
+    key_positions = _store_positions(self.cache_positions, self.positions, self.valid)
+    key_positions = jnp.where(key_positions <= last_new, key_positions, -1)
+    view = CacheView(cache_k, cache_v, key_positions, self.positions, self.valid,
+                     window=self.window)
+    return view, (cache_k, cache_v)
+
+
+@flax.struct.dataclass
+class CacheView:
+  """Attention of T queries over a cache that already holds their own keys (what
+  `StoringSpec.store` returns). Called like any spec; its k and v arguments are the
+  cached ones' source and are not read again."""
+  cache_k: jax.Array          # [batch, kv_heads, size, head_dim]
+  cache_v: jax.Array          # [batch, kv_heads, head_dim, size]
+  key_positions: jax.Array    # [batch, size], -1 = not visible
+  positions: jax.Array        # [batch, T] of the queries
+  valid: jax.Array            # [batch, T] bool
+  window: int = flax.struct.field(pytree_node=False, default=0)
+
+  def __call__(self, q, k, v):
+    del k, v   # already in the cache
+    mask = attention.attention_mask(self.positions[:, :, None], self.key_positions[:, None],
+                                    0, 0, window=self.window)
+    mask = mask & self.valid[:, :, None]
+    return attention.masked_attention(q, (attention.CachedKeys(self.cache_k),),
+                                      (attention.CachedValues(self.cache_v),), mask)

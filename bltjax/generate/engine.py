@@ -153,18 +153,26 @@ class Engine:
     return bound.encoder.embed(new_tokens, self.hash_ids(tokens_buffer, positions[:, 0],
                                                          new_tokens.shape[1]))
 
+  @staticmethod
+  def _local_specs(cache: KVCache, positions, valid, window: int, block_start, store: bool):
+    if store:
+      return cache.storing_specs(positions, valid, window=window)
+    return cache.specs(positions, valid, window=window, block_start=block_start)
+
   def encode_bytes(self, bound, tokens_buffer, new_tokens, positions, valid, cache, *,
-                   block_start=None):
-    """Encoder byte layers on new positions (over `cache`): states and per-layer (k, v)."""
+                   block_start=None, store=False):
+    """Encoder byte layers on new positions (over `cache`): states and per-layer (k, v),
+    or with `store` the written cache layers (for `cache.with_stored`)."""
     x = self.embed_bytes(bound, tokens_buffer, new_tokens, positions)
-    specs = cache.specs(positions, valid, window=self.config.encoder.window,
-                        block_start=block_start)
+    specs = self._local_specs(cache, positions, valid, self.config.encoder.window,
+                              block_start, store)
     return bound.encoder.layers(x, positions, specs)
 
   def decode_bytes(self, bound, states, positions, valid, read_patch, state: GenState, *,
-                   block_start=None):
-    specs = state.decoder_cache.specs(positions, valid, window=self.config.decoder.window,
-                                      block_start=block_start)
+                   block_start=None, store=False):
+    """Decoder logits and per-layer (k, v) (or with `store` the written cache layers)."""
+    specs = self._local_specs(state.decoder_cache, positions, valid,
+                              self.config.decoder.window, block_start, store)
     return bound.decoder(states, positions, specs, state.patch_slots, read_patch)
 
   def _starts(self, state: GenState):
@@ -254,23 +262,23 @@ class Engine:
     # 1. entropy model
     entropies, entropy_cache = state.entropies, state.entropy_cache
     if self.entropy_model is not None:
-      specs = entropy_cache.specs(positions, valid, window=self.entropy_config.window)
-      logits, kvs = self.entropy_model.apply({"params": params["entropy"]}, new_tokens,
-                                             positions, specs,
-                                             method=entropy_lib.EntropyModel.forward)
+      specs = entropy_cache.storing_specs(positions, valid, window=self.entropy_config.window)
+      logits, stored = self.entropy_model.apply({"params": params["entropy"]}, new_tokens,
+                                                positions, specs,
+                                                method=entropy_lib.EntropyModel.forward)
       entropies = entropies.at[rows, scatter_at].set(
           patcher_lib.entropies_from_logits(logits), mode="drop")
-      entropy_cache = entropy_cache.write(kvs, positions, valid)
+      entropy_cache = entropy_cache.with_stored(stored, positions, valid)
       nfe = self._count(nfe, "entropy")
     # 2. encoder byte layers
     bound = self.blt.bind({"params": params["blt"]})
-    states, kvs = self.encode_bytes(bound, tokens, new_tokens, positions, valid,
-                                    state.encoder_cache)
+    states, stored = self.encode_bytes(bound, tokens, new_tokens, positions, valid,
+                                       state.encoder_cache, store=True)
     state = dataclasses.replace(
         state, entropies=entropies, entropy_cache=entropy_cache,
         byte_states=state.byte_states.at[rows, scatter_at].set(
             states.astype(state.byte_states.dtype), mode="drop"),
-        encoder_cache=state.encoder_cache.write(kvs, positions, valid),
+        encoder_cache=state.encoder_cache.with_stored(stored, positions, valid),
         length=state.length + n_new,
         nfe=self._count(self._count(nfe, "encoder"), EMBEDDED, width))
     # 3. patches and the global model for those that closed
@@ -278,11 +286,11 @@ class Engine:
     # 4. decoder
     read = jnp.take_along_axis(next_patch_ids, jnp.clip(positions, 0, self.max_len - 1),
                                axis=1) - 1
-    logits, kvs = self.decode_bytes(bound, states, positions, valid, jnp.maximum(read, 0),
-                                    state)
-    state = dataclasses.replace(state, decoder_cache=state.decoder_cache.write(kvs, positions,
-                                                                               valid),
-                                nfe=self._count(state.nfe, "decoder"))
+    logits, stored = self.decode_bytes(bound, states, positions, valid, jnp.maximum(read, 0),
+                                       state, store=True)
+    state = dataclasses.replace(
+        state, decoder_cache=state.decoder_cache.with_stored(stored, positions, valid),
+        nfe=self._count(state.nfe, "decoder"))
     return state, logits
 
   def _sync_patches(self, bound, state: GenState, width: int):
@@ -335,18 +343,19 @@ class Engine:
     rows = jnp.arange(token.shape[0])
     positions, valid = position[:, None], jnp.ones((token.shape[0], 1), bool)
     tokens = state.tokens.at[rows, position].set(token, mode="drop")
-    states, kvs = self.encode_bytes(bound, tokens, token[:, None], positions, valid,
-                                    state.encoder_cache)
+    states, stored = self.encode_bytes(bound, tokens, token[:, None], positions, valid,
+                                       state.encoder_cache, store=True)
     state = dataclasses.replace(
         state, tokens=tokens,
         byte_states=state.byte_states.at[rows, position].set(
             states[:, 0].astype(state.byte_states.dtype), mode="drop"),
-        encoder_cache=state.encoder_cache.write(kvs, positions, valid),
+        encoder_cache=state.encoder_cache.with_stored(stored, positions, valid),
         nfe=self._count(self._count(state.nfe, "encoder"), EMBEDDED))
     read = jnp.maximum(state.num_patches - 1, 0)[:, None]
-    logits, kvs = self.decode_bytes(bound, states, positions, valid, read, state)
+    logits, stored = self.decode_bytes(bound, states, positions, valid, read, state,
+                                       store=True)
     state = dataclasses.replace(
-        state, decoder_cache=state.decoder_cache.write(kvs, positions, valid),
+        state, decoder_cache=state.decoder_cache.with_stored(stored, positions, valid),
         nfe=self._count(state.nfe, "decoder"))
     return state, logits[:, 0]
 

@@ -56,6 +56,15 @@ class CachedValues:
     return self.x.shape[3]
 
 
+def with_new_keys(spec, k, v):
+  """(the spec to attend with, what a layer returns as its keys and values) for a layer's
+  new k, v `[B, T, kv_heads, head_dim]`. A spec that stores keys itself (a generation
+  cache's `StoringSpec`) writes them and returns the written cache; any other spec is
+  used as it is and the layer returns (k, v)."""
+  store = getattr(spec, "store", None)
+  return store(k, v) if store is not None else (spec, (k, v))
+
+
 def _length(part) -> int:
   return part.length if isinstance(part, (CachedKeys, CachedValues)) else part.shape[1]
 

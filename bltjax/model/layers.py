@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bltjax.model import attention
+from bltjax.model import attention as attention_lib
 
 ACTIVATIONS = ("swiglu", "relu")
 FFN_IMPLS = ("xla", "pallas")
@@ -165,7 +165,8 @@ class SelfAttention(nn.Module):
 
   How queries see keys is the `attention` spec (e.g. `attention.CausalSpec`): a pytree
   called as `attention(q, k, v)`. Returns the output and this layer's rotated (k, v),
-  which generation writes into its caches.
+  which generation writes into its caches (or, for a spec that stores them itself, the
+  written cache: `attention.with_new_keys`).
   """
   config: TransformerConfig
 
@@ -180,8 +181,9 @@ class SelfAttention(nn.Module):
     q = apply_rope(q.reshape(b, t, cfg.n_heads, cfg.head_dim), positions, cfg.rope_theta)
     k = apply_rope(k.reshape(b, t, cfg.kv_heads, cfg.head_dim), positions, cfg.rope_theta)
     v = v.reshape(b, t, cfg.kv_heads, cfg.head_dim)
+    attention, kv = attention_lib.with_new_keys(attention, k, v)
     out = attention(q, k, v).reshape(b, t, cfg.n_heads * cfg.head_dim)
-    return Dense(cfg.d_model, ("heads", "embed"), dtype, name="o")(out), (k, v)
+    return Dense(cfg.d_model, ("heads", "embed"), dtype, name="o")(out), kv
 
 
 class FeedForward(nn.Module):
