@@ -1,0 +1,107 @@
+"""Where a whole compiled decode's time goes: a `jax.profiler` trace, op time by call count.
+
+For each method, decodes one prompt at batch 1 (compiled once, fastest of --repeats runs),
+traces one more run and sums the time of every XLA op by how many times it ran in the
+decode. Ops that ran as often as a component was called (its NFE count, which covers the
+generation loop, not the prompt's prefill) are that component's work: e.g. ops run 19
+times in an AR decode with 19 global calls are the global model; ops run a handful of
+times, as often as the prompt has prefill chunks, are the prefill. Unlike
+`bench/generation_profile.py` (each piece jitted alone), this is the decode as it runs,
+inside its `while_loop`. CPU or GPU.
+
+  python bench/generation_trace.py --workdir runs/bench/bltd8
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+import bltjax  # noqa: E402
+from bench import common  # noqa: E402
+from bench.generation_profile import PROMPT  # noqa: E402
+
+METHODS = (("AR", "ar", {}), ("BLT-S k=8", "blt_s", {"draft_len": 8}),
+           ("BLT-D-8 a=0.5", "blt_d", {"block_size": 8, "alpha": 0.5}))
+# Trace events that are not XLA ops (executable launches, waits, host-side wrappers).
+_NOT_OPS = ("$", "Pjit", "ThunkExecutor")
+
+
+def op_seconds_by_count(trace_dir: str) -> dict[int, float]:
+  """{times an op ran: total seconds of such ops} from the trace written to `trace_dir`."""
+  path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+  with gzip.open(path) as f:
+    events = json.load(f)["traceEvents"]
+  total, count = collections.Counter(), collections.Counter()
+  for event in events:
+    name = event.get("name", "")
+    if event.get("ph") != "X" or name.startswith(_NOT_OPS) or "Execute" in name:
+      continue
+    if "Await" in name or name.startswith("end: "):
+      continue
+    total[name] += event["dur"] * 1e-6
+    count[name] += 1
+  by_count: dict[int, float] = collections.Counter()
+  for name, seconds in total.items():
+    by_count[count[name]] += seconds
+  return dict(by_count)
+
+
+def label(calls: int, nfe: dict[str, int]) -> str:
+  """The components called `calls` times in the generation loop."""
+  return ", ".join(c for c, n in nfe.items() if n == calls and c != "embedded_positions") or "-"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True, help="a trained BLT workdir")
+  parser.add_argument("--max_bytes", type=int, default=128)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--top", type=int, default=6, help="call counts listed per method")
+  parser.add_argument("--results", default="", help="append the table to this file")
+  args = parser.parse_args(argv)
+  model = bltjax.load(args.workdir)
+  rows = []
+  for name, method, options in METHODS:
+    run = lambda timed: model.generate([PROMPT], max_bytes=args.max_bytes, method=method,
+                                       time_prefill=timed, **options)
+    out = run(True)   # compiles
+    best = min((run(True) for _ in range(args.repeats)), key=lambda o: o.decode_seconds)
+    with tempfile.TemporaryDirectory() as trace_dir:
+      with jax.profiler.trace(trace_dir):
+        run(False)    # the decode alone (prefill included, not run apart)
+      by_count = op_seconds_by_count(trace_dir)
+    ops_total = sum(by_count.values())
+    n_bytes = best.num_bytes
+    rows.append([name, f"{best.decode_seconds / n_bytes * 1e3:.2f}",
+                 f"{best.generation_seconds / n_bytes * 1e3:.2f}",
+                 ", ".join(f"{k} {v}" for k, v in out.nfe.items()), "", "", ""])
+    for calls, seconds in sorted(by_count.items(), key=lambda kv: -kv[1])[:args.top]:
+      rows.append(["", "", "", "", f"{calls} ({label(calls, out.nfe)})",
+                   f"{seconds * 1e3:.1f}", f"{seconds / ops_total:.0%}"])
+    print(f"{name}: {n_bytes} bytes, traced op time {ops_total * 1e3:.1f} ms", flush=True)
+  table = common.markdown_table(
+      ["method", "ms/byte (whole decode)", "ms/byte (generation)", "NFE", "op ran (= calls of)",
+       "op ms", "share"], rows)
+  print(table)
+  if args.results:
+    common.append("Where a compiled decode's time goes (jax.profiler trace, batch 1)", table,
+                  path=args.results,
+                  note=f"One {len(PROMPT)}-byte prompt, {args.max_bytes} bytes, greedy; XLA op "
+                       "time summed by how many times an op ran in the decode, labelled with "
+                       "the components called that often.")
+
+
+if __name__ == "__main__":
+  main()
