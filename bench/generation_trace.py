@@ -36,6 +36,8 @@ METHODS = (("AR", "ar", {}), ("BLT-S k=8", "blt_s", {"draft_len": 8}),
            ("BLT-D-8 a=0.5", "blt_d", {"block_size": 8, "alpha": 0.5}))
 # Trace events that are not XLA ops (executable launches, waits, host-side wrappers).
 _NOT_OPS = ("$", "Pjit", "ThunkExecutor")
+# Control-flow ops: their events span the ops of their bodies, which are counted as such.
+_CONTAINERS = ("while", "cond", "conditional", "call")
 
 
 def op_seconds_by_count(trace_dir: str) -> dict[int, float]:
@@ -48,7 +50,7 @@ def op_seconds_by_count(trace_dir: str) -> dict[int, float]:
     name = event.get("name", "")
     if event.get("ph") != "X" or name.startswith(_NOT_OPS) or "Execute" in name:
       continue
-    if "Await" in name or name.startswith("end: "):
+    if "Await" in name or name.startswith("end: ") or name.split(".")[0] in _CONTAINERS:
       continue
     total[name] += event["dur"] * 1e-6
     count[name] += 1
