@@ -1,6 +1,7 @@
 """Where a whole compiled decode's time goes: a `jax.profiler` trace, op time by call count.
 
-For each method, decodes one prompt at batch 1 (compiled once, fastest of --repeats runs),
+For each method, decodes one prompt (--batch copies of it; compiled once, fastest of
+--repeats runs),
 traces one more run and sums the time of every XLA op by how many times it ran in the
 decode. Ops that ran as often as a component was called (its NFE count, which covers the
 generation loop, not the prompt's prefill) are that component's work: e.g. ops run 19
@@ -69,6 +70,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="a trained BLT workdir")
   parser.add_argument("--max_bytes", type=int, default=128)
+  parser.add_argument("--batch", type=int, default=1, help="rows (copies of the prompt)")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--top", type=int, default=6, help="call counts listed per method")
   parser.add_argument("--results", default="", help="append the table to this file")
@@ -76,8 +78,8 @@ def main(argv=None):
   model = bltjax.load(args.workdir)
   rows = []
   for name, method, options in METHODS:
-    run = lambda timed: model.generate([PROMPT], max_bytes=args.max_bytes, method=method,
-                                       time_prefill=timed, **options)
+    run = lambda timed: model.generate([PROMPT] * args.batch, max_bytes=args.max_bytes,
+                                       method=method, time_prefill=timed, **options)
     out = run(True)   # compiles
     best = min((run(True) for _ in range(args.repeats)), key=lambda o: o.decode_seconds)
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -85,24 +87,27 @@ def main(argv=None):
         run(False)    # the decode alone (prefill included, not run apart)
       by_count = op_seconds_by_count(trace_dir)
     ops_total = sum(by_count.values())
-    n_bytes = best.num_bytes
+    n_bytes = best.num_bytes / args.batch   # per row: the loop's steps serve every row
     rows.append([name, f"{best.decode_seconds / n_bytes * 1e3:.2f}",
                  f"{best.generation_seconds / n_bytes * 1e3:.2f}",
                  ", ".join(f"{k} {v}" for k, v in out.nfe.items()), "", "", ""])
     for calls, seconds in sorted(by_count.items(), key=lambda kv: -kv[1])[:args.top]:
       rows.append(["", "", "", "", f"{calls} ({label(calls, out.nfe)})",
                    f"{seconds * 1e3:.1f}", f"{seconds / ops_total:.0%}"])
-    print(f"{name}: {n_bytes} bytes, traced op time {ops_total * 1e3:.1f} ms", flush=True)
+    print(f"{name}: {best.num_bytes} bytes, traced op time {ops_total * 1e3:.1f} ms", flush=True)
   table = common.markdown_table(
-      ["method", "ms/byte (whole decode)", "ms/byte (generation)", "NFE", "op ran (= calls of)",
+      ["method", "ms/row byte (whole decode)", "ms/row byte (generation)", "NFE",
+       "op ran (= calls of)",
        "op ms", "share"], rows)
   print(table)
   if args.results:
-    common.append("Where a compiled decode's time goes (jax.profiler trace, batch 1)", table,
+    common.append(f"Where a compiled decode's time goes (jax.profiler trace, batch {args.batch})",
+                  table,
                   path=args.results,
-                  note=f"One {len(PROMPT)}-byte prompt, {args.max_bytes} bytes, greedy; XLA op "
-                       "time summed by how many times an op ran in the decode, labelled with "
-                       "the components called that often.")
+                  note=f"{args.batch} x one {len(PROMPT)}-byte prompt, {args.max_bytes} bytes "
+                       "per row, greedy; ms per byte of a row; XLA op time summed by how many "
+                       "times an op ran in the decode, labelled with the components called "
+                       "that often.")
 
 
 if __name__ == "__main__":
