@@ -1,9 +1,8 @@
 """Where a whole compiled decode's time goes: a `jax.profiler` trace, op time by call count.
 
 For each method, decodes one prompt (--batch copies of it; compiled once, fastest of
---repeats runs),
-traces one more run and sums the time of every XLA op by how many times it ran in the
-decode. Ops that ran as often as a component was called (its NFE count, which covers the
+--repeats runs), traces one more run and sums the time of every XLA op by how many times
+it ran in the decode. Ops that ran as often as a component was called (its NFE count, which covers the
 generation loop, not the prompt's prefill) are that component's work: e.g. ops run 19
 times in an AR decode with 19 global calls are the global model; ops run a handful of
 times, as often as the prompt has prefill chunks, are the prefill. Unlike
@@ -21,9 +20,9 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,29 +34,35 @@ from bench.generation_profile import PROMPT  # noqa: E402
 
 METHODS = (("AR", "ar", {}), ("BLT-S k=8", "blt_s", {"draft_len": 8}),
            ("BLT-D-8 a=0.5", "blt_d", {"block_size": 8, "alpha": 0.5}))
-# Trace events that are not XLA ops (executable launches, waits, host-side wrappers).
-_NOT_OPS = ("$", "Pjit", "ThunkExecutor")
+# XLA op names (`dot.4155`, `wrapped_scatter`, `ynn_fusion`); the runtime's own events
+# (`ParseArguments`, `Wait for usage holds`, `PjitFunction(...)`, ...) do not match.
+_OP_NAME = re.compile(r"[a-z][a-z0-9_.\-]*")
 # Control-flow ops: their events span the ops of their bodies, which are counted as such.
 _CONTAINERS = ("while", "cond", "conditional", "call")
 
 
-def op_seconds_by_count(trace_dir: str) -> dict[int, float]:
-  """{times an op ran: total seconds of such ops} from the trace written to `trace_dir`."""
+def op_times(trace_dir: str) -> dict[str, tuple[int, float]]:
+  """{XLA op: (times it ran, total seconds)} from the trace written to `trace_dir`; leaf
+  ops only (a while or cond event spans the ops of its body)."""
   path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
   with gzip.open(path) as f:
     events = json.load(f)["traceEvents"]
   total, count = collections.Counter(), collections.Counter()
   for event in events:
     name = event.get("name", "")
-    if event.get("ph") != "X" or name.startswith(_NOT_OPS) or "Execute" in name:
-      continue
-    if "Await" in name or name.startswith("end: ") or name.split(".")[0] in _CONTAINERS:
+    if (event.get("ph") != "X" or not _OP_NAME.fullmatch(name)
+        or name.split(".")[0] in _CONTAINERS):
       continue
     total[name] += event["dur"] * 1e-6
     count[name] += 1
+  return {name: (count[name], total[name]) for name in total}
+
+
+def seconds_by_count(times: dict[str, tuple[int, float]]) -> dict[int, float]:
+  """{times an op ran: total seconds of the ops that ran that often}."""
   by_count: dict[int, float] = collections.Counter()
-  for name, seconds in total.items():
-    by_count[count[name]] += seconds
+  for count, seconds in times.values():
+    by_count[count] += seconds
   return dict(by_count)
 
 
@@ -85,7 +90,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as trace_dir:
       with jax.profiler.trace(trace_dir):
         run(False)    # the decode alone (prefill included, not run apart)
-      by_count = op_seconds_by_count(trace_dir)
+      by_count = seconds_by_count(op_times(trace_dir))
     ops_total = sum(by_count.values())
     n_bytes = best.num_bytes / args.batch   # per row: the loop's steps serve every row
     rows.append([name, f"{best.decode_seconds / n_bytes * 1e3:.2f}",
@@ -97,13 +102,11 @@ def main(argv=None):
     print(f"{name}: {best.num_bytes} bytes, traced op time {ops_total * 1e3:.1f} ms", flush=True)
   table = common.markdown_table(
       ["method", "ms/row byte (whole decode)", "ms/row byte (generation)", "NFE",
-       "op ran (= calls of)",
-       "op ms", "share"], rows)
+       "op ran (= calls of)", "op ms", "share"], rows)
   print(table)
   if args.results:
     common.append(f"Where a compiled decode's time goes (jax.profiler trace, batch {args.batch})",
-                  table,
-                  path=args.results,
+                  table, path=args.results,
                   note=f"{args.batch} x one {len(PROMPT)}-byte prompt, {args.max_bytes} bytes "
                        "per row, greedy; ms per byte of a row; XLA op time summed by how many "
                        "times an op ran in the decode, labelled with the components called "
