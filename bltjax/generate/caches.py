@@ -1,4 +1,4 @@
-"""Fixed-size KV caches tagged with positions, and the attention spec that reads them.
+"""Fixed-size KV caches tagged with positions, and the attention specs that read them.
 
 A cache holds, per layer, the rotated keys and values of the positions a stack has
 seen, in `size` slots: position p lives in slot `p % size`. Each slot remembers its
