@@ -62,7 +62,13 @@ class KVCache:
   def storing_specs(self, positions, valid, *, window: int) -> tuple:
     """One `StoringSpec` per layer: the stack writes the new positions `[batch, T]` (where
     `valid`, a prefix of each row) and returns the written layers for `with_stored`."""
-    return tuple(StoringSpec(k, v, self.positions, positions, valid, window=window)
+    # After the write, a slot is visible up to the last new position: later ones hold a
+    # rejected draft's keys (never before a query; the cache's size keeps every position
+    # a query may see from being overwritten).
+    written = _store_positions(self.positions, positions, valid)
+    last_new = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)
+    key_positions = jnp.where(written <= last_new, written, -1)
+    return tuple(StoringSpec(k, v, key_positions, positions, valid, window=window)
                  for k, v in zip(self.k, self.v))
 
   def with_stored(self, stored, positions, valid) -> "KVCache":
@@ -103,12 +109,6 @@ def _store_values(cache_v, v, positions, valid):
       v.astype(cache_v.dtype).transpose(0, 2, 3, 1), mode="drop")
 
 
-def _first_new(positions, valid):
-  """`[batch, 1]`: the first valid new position of each row (int32 max if none)."""
-  return jnp.min(jnp.where(valid, positions, jnp.iinfo(jnp.int32).max), axis=1,
-                 keepdims=True)
-
-
 @flax.struct.dataclass
 class CachedSpec:
   """Attention of T new positions over a cache plus themselves.
@@ -127,7 +127,8 @@ class CachedSpec:
   window: int = flax.struct.field(pytree_node=False, default=0)
 
   def __call__(self, q, k, v):
-    first_new = _first_new(self.positions, self.valid)
+    first_new = jnp.min(jnp.where(self.valid, self.positions, jnp.iinfo(jnp.int32).max),
+                        axis=1, keepdims=True)
     cache_pos = jnp.where(self.cache_positions < first_new, self.cache_positions, -1)
     new_pos = jnp.where(self.valid, self.positions, -1)
     # read in place, not concatenated
@@ -151,13 +152,12 @@ class StoringSpec:
 
   The stack calls `store(k, v)` (through `attention.with_new_keys`) and attends with the
   `CacheView` it returns; the layer returns the written cache arrays in place of its
-  (k, v). Slots of positions after the last new one may hold a rejected draft's keys:
-  they are masked out (they are never before a query, and the cache's size keeps every
-  position a query may see from being overwritten).
+  (k, v). `key_positions` are the slots' positions after the write, -1 where not visible
+  (`KVCache.storing_specs` computes them once for every layer).
   """
   cache_k: jax.Array          # [batch, kv_heads, size, head_dim]
   cache_v: jax.Array          # [batch, kv_heads, head_dim, size]
-  cache_positions: jax.Array  # [batch, size]
+  key_positions: jax.Array    # [batch, size], after the write; -1 = not visible
   positions: jax.Array        # [batch, T]
   valid: jax.Array            # [batch, T] bool, a prefix of each row
   window: int = flax.struct.field(pytree_node=False, default=0)
@@ -167,10 +167,7 @@ class StoringSpec:
     written (cache_k, cache_v))."""
     cache_k = _store_keys(self.cache_k, k, self.positions, self.valid)
     cache_v = _store_values(self.cache_v, v, self.positions, self.valid)
-    last_new = jnp.max(jnp.where(self.valid, self.positions, -1), axis=1, keepdims=True)
-    key_positions = _store_positions(self.cache_positions, self.positions, self.valid)
-    key_positions = jnp.where(key_positions <= last_new, key_positions, -1)
-    view = CacheView(cache_k, cache_v, key_positions, self.positions, self.valid,
+    view = CacheView(cache_k, cache_v, self.key_positions, self.positions, self.valid,
                      window=self.window)
     return view, (cache_k, cache_v)
 
