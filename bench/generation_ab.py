@@ -8,7 +8,8 @@
 Each process imports bltjax from `--repo`, loads `--workdir` and times AR, BLT-S k=8 and
 BLT-D-8 (alpha 0.5) on 8 held-out prompts x 128 bytes at batch 1 and 8 (fastest of
 `--repeats` timed runs after a compile; the generation loop, the prompts' prefill timed
-apart, and the whole decode). Alternating old/new processes is how a change's
+apart, and the whole decode); `--temperature` samples (every method alike, position-keyed
+randomness: BLT-S still reproduces AR). Alternating old/new processes is how a change's
 effect is read on a machine whose speed drifts; the prints are the rows to compare.
 """
 
@@ -27,7 +28,9 @@ def main(argv=None):
   parser.add_argument("--repo", required=True, help="the checkout whose bltjax is timed")
   parser.add_argument("--workdir", required=True, help="a trained BLT workdir")
   parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
   args = parser.parse_args(argv)
+  sampling = dict(temperature=args.temperature, seed=0) if args.temperature else {}
   sys.path.insert(0, os.path.abspath(args.repo))
   import bltjax  # pylint: disable=g-import-not-at-top
   from bltjax import continuation  # pylint: disable=g-import-not-at-top
@@ -36,7 +39,8 @@ def main(argv=None):
                                           continuation_bytes=128, seed=0)
   for batch in (1, 8):
     for method, options in METHODS:
-      runs = [continuation.run(model, items, method=method, batch_size=batch, **options)
+      runs = [continuation.run(model, items, method=method, batch_size=batch, **options,
+                               **sampling)
               for _ in range(args.repeats)]
       print(f"{args.repo} batch {batch} {method}: "
             # checkouts from before the prefill was timed apart: nan
