@@ -73,6 +73,18 @@ def test_cached_ar_equals_full_recomputation_per_byte(mode, params):
   assert int(result.nfe[generate.EMBEDDED]) == 19   # one byte position per AR step
 
 
+def test_cached_ar_on_eight_ragged_rows_equals_full_recomputation(params):
+  # A one-byte step runs the global model on the rows that close a patch only (1, 2, 4
+  # or all 8 of them). With patches of 3 bytes a row closes one when its length is a
+  # multiple of 3: these lengths put 1, 2 and 5 rows in the three phases.
+  prompts = [PROMPTS[2][:n] for n in (5, 6, 9, 7, 10, 13, 16, 19)]
+  patcher_config = PATCHERS["static"]
+  cached, _ = _decode(params, patcher_config, prompts=prompts, max_bytes=12)
+  reference = ar.reference_greedy(blt.BLT(CONFIG), params["blt"], patcher_config, None,
+                                  [blt_bytes.encode(p, add_eos=False) for p in prompts], 12)
+  assert cached == reference
+
+
 @pytest.mark.parametrize("draft_len", [pytest.param(4, marks=pytest.mark.slow), 8,
                                        pytest.param(16, marks=pytest.mark.slow)])
 def test_greedy_blt_s_and_blt_dv_equal_ar(draft_len, params):
