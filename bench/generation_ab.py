@@ -8,8 +8,8 @@
 Each process imports bltjax from `--repo`, loads `--workdir` and times AR, BLT-S k=8 and
 BLT-D-8 (alpha 0.5) on 8 held-out prompts x 128 bytes at batch 1 and 8 (fastest of
 `--repeats` timed runs after a compile; the generation loop, the prompts' prefill timed
-apart, and the whole decode); `--temperature` samples (every method alike, position-keyed
-randomness: BLT-S still reproduces AR). Alternating old/new processes is how a change's
+apart, and the whole decode); `--temperature` samples (every method alike, draws keyed by
+row and position: BLT-S still reproduces AR). Alternating old/new processes is how a change's
 effect is read on a machine whose speed drifts; the prints are the rows to compare.
 """
 
