@@ -2,10 +2,10 @@
 
 For each method, decodes one prompt (--batch copies of it; compiled once, fastest of
 --repeats runs), traces one more run and sums the time of every XLA op by how many times
-it ran in the decode. Ops that ran as often as a component was called (its NFE count, which covers the
-generation loop, not the prompt's prefill) are that component's work: e.g. ops run 19
-times in an AR decode with 19 global calls are the global model; ops run a handful of
-times, as often as the prompt has prefill chunks, are the prefill. Unlike
+it ran in the decode. Ops that ran as often as a component was called (its NFE count,
+which covers the generation loop, not the prompt's prefill) are that component's work:
+e.g. ops run 19 times in an AR decode with 19 global calls are the global model; ops run
+a handful of times, as often as the prompt has prefill chunks, are the prefill. Unlike
 `bench/generation_profile.py` (each piece jitted alone), this is the decode as it runs,
 inside its `while_loop`. CPU or GPU.
 

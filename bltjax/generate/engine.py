@@ -345,11 +345,10 @@ class Engine:
     sub_closed = jnp.where(real, num_closed[take], sub_state.num_patches)  # fillers: none
     sub = self._global_step(bound, sub_state, patch_ids[take], sub_closed, group, width)
     put = lambda full, part: full.at[picked].set(part, mode="drop")
-    blank = lambda a: jnp.zeros((batch,) + a.shape[1:], a.dtype)
+    scatter = lambda part: put(jnp.zeros((batch,) + part.shape[1:], part.dtype), part)
     return GlobalUpdate(
-        ids=put(blank(sub.ids), sub.ids), valid=put(blank(sub.valid), sub.valid),
-        kvs=jax.tree.map(lambda a: put(blank(a), a), sub.kvs),
-        patch_vectors=put(blank(sub.patch_vectors), sub.patch_vectors),
+        ids=scatter(sub.ids), valid=scatter(sub.valid), kvs=jax.tree.map(scatter, sub.kvs),
+        patch_vectors=scatter(sub.patch_vectors),
         num_patches=put(state.num_patches, sub.num_patches), calls=sub.calls)
 
   def close_patch(self, params, state: GenState, where):
