@@ -17,14 +17,15 @@
 # Compilation is most of each step's budget: on an H200 (jax 0.11.2) the unrolled init of
 # a 185M BLT compiled in 79 s. Every model here scans its global / entropy layers
 # (model.scan_layers: one compiled block, ~8x fewer fusions; on CPU it costs 25-30% step
-# time, see bench/compile_time.py, whose --step_iters measures that on a GPU too), and
-# XLA's GPU autotuning is off (--xla_gpu_autotune_level=0: cuBLAS's heuristics pick the
-# GEMM algorithms; set XLA_FLAGS= (empty) to autotune). LOG_COMPILES=1 logs every
-# compilation and its duration.
+# time, see bench/compile_time.py, whose --step_iters measures that on a GPU too), XLA's
+# GPU autotuning is off (--xla_gpu_autotune_level=0: cuBLAS's heuristics pick the GEMM
+# algorithms) and so are Triton GEMM fusions (cuBLAS runs every GEMM: each Triton fusion
+# compiles through Triton, which is slow); set XLA_FLAGS= (empty) for XLA's defaults.
+# LOG_COMPILES=1 logs every compilation and its duration.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export GIT_COMMIT=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-export XLA_FLAGS=${XLA_FLAGS---xla_gpu_autotune_level=0}
+export XLA_FLAGS=${XLA_FLAGS---xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false}
 [ "${LOG_COMPILES:-0}" = 1 ] && export JAX_LOG_COMPILES=1
 PY=${PYTHON:-python3}
 STEPS=${*:-gen_train generation entropy_100m bltd8_400m sparse_ffn sparse_ffn_train hf_peer}
@@ -47,10 +48,11 @@ for step in $STEPS; do
   case $step in
     # Issue 6: generation on a larger model (global 12 x 1024), BLT-D-8 trained for 20 s
     # at bf16 with static patches (no entropy model to train first), then every method.
-    gen_train) run 90 -m bltjax.cli train --config experiments/blt_bench.py:bltd8,large \
+    gen_train) run 120 -m bltjax.cli train --config experiments/blt_bench.py:bltd8,large \
         --workdir "$GEN_DIR" --config.patcher.mode=static --config.model.dtype=bfloat16 \
-        --config.model.scan_layers=true --config.train.time_budget_s=20 ;;
-    generation) run 125 bench/generation.py --workdir "$GEN_DIR" --quick --prompts 4 \
+        --config.model.scan_layers=true --config.train.time_budget_s=20 \
+        --config.train.eval_batches=1 ;;
+    generation) run 300 bench/generation.py --workdir "$GEN_DIR" --quick --prompts 4 \
         --batch_sizes 1 --rounds 2 ;;
     # Issue 2: ~100M entropy model train step at bf16 (MFU).
     entropy_100m) run 50 bench/train_throughput.py --model entropy_100m --iters 5 \

@@ -241,7 +241,8 @@ def base_config() -> ml_collections.ConfigDict:
       keep=3,                        # checkpoints kept
       async_checkpoint=True,
       init_params_from="",           # a workdir or converted model dir: start from its params
-      time_budget_s=0.0,             # stop (and save) after this much training time; 0: off
+      time_budget_s=0.0,             # stop (and save) after this much training (first step
+                                     # and its compilation not counted); 0: off
   ))
 
   config.optim = ml_collections.ConfigDict(dict(

@@ -271,7 +271,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
           f"last good checkpoint is step {last_saved} in {ckpt.directory}; lower optim.lr "
           "or check the data, then re-run to resume from it")
 
-  run_start = time.perf_counter()
+  # The time budget counts training, not the first step's compilation (minutes on a GPU).
+  run_start = None
   try:
     for step in range(start_step, tcfg.steps):
       batch = sharding.make_global_batch(next(data_iter), trainer.mesh)
@@ -282,6 +283,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
       if window_start_time is None:  # the first step includes compilation: not timed
         jax.block_until_ready(state.step)
         window_start_time, window_steps = time.perf_counter(), 0
+        run_start = window_start_time
       else:
         window_steps += 1
       is_last = done == tcfg.steps or _out_of_time(run_start, tcfg.time_budget_s)
@@ -298,15 +300,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
         writer.write(done, row)
         pending, pending_start = [], done
         window_start_time, window_steps = time.perf_counter(), 0
+      # Saved before the evaluation: an evaluation that fails loses no training.
+      if done % tcfg.save_every == 0 or is_last:
+        check_pending()
+        ckpt.save(done, state, data_iter)
+        last_saved = done
       if (tcfg.eval_every and done % tcfg.eval_every == 0) or is_last:
         check_pending()
         eval_metrics = trainer.evaluate(state.params, tcfg.eval_batches or None)
         writer.write(done, eval_metrics, prefix="valid")
         window_start_time, window_steps = time.perf_counter(), 0
-      if done % tcfg.save_every == 0 or is_last:
-        check_pending()
-        ckpt.save(done, state, data_iter)
-        last_saved = done
       if is_last:
         break
     if start_step >= tcfg.steps:

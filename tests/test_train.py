@@ -49,6 +49,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_corpus, t
   assert f"step {max(saved)} in" in str(info.value)
 
 
+def test_time_budget_stops_after_training_time_and_saves_the_last_step(tiny_corpus, tmp_path):
+  workdir = str(tmp_path / "budget")
+  # Compiling the first step takes seconds here: the budget must not count it, so the run
+  # trains beyond that step, then stops on time long before `steps` and saves where it was.
+  config = tiny_entropy_config(tiny_corpus, train__steps=100_000, train__time_budget_s=0.5,
+                               train__log_every=100_000, train__save_every=100_000,
+                               train__eval_every=0, train__eval_batches=1)
+  train_on_one_device(config, workdir)
+  last = max(_losses(workdir))
+  assert 2 <= last < 100_000
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(last)]
+
+
 def test_workdir_of_another_model_is_refused(tiny_corpus, tmp_path):
   workdir = str(tmp_path / "run")
   train_on_one_device(tiny_entropy_config(tiny_corpus, train__steps=1, train__eval_every=0),
