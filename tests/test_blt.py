@@ -128,3 +128,24 @@ def test_sharded_blt_step_equals_the_one_device_step(tiny_corpus, tmp_path):
   one = first_losses((1, 1, 1), jax.devices()[:1])
   np.testing.assert_allclose(first_losses((2, 2, 2), None), one, rtol=2e-5)
   np.testing.assert_allclose(first_losses((4, 2, 1), None), one, rtol=2e-5)
+
+
+def test_bfloat16_models_still_give_float32_logits_finer_than_bfloat16():
+  # The output norm and head run in float32: bf16 logits would keep 8 significant bits,
+  # tying near-equal bytes in greedy decoding.
+  bf16 = lambda section: dataclasses.replace(section, dtype="bfloat16")
+  config = dataclasses.replace(CONFIG, encoder=bf16(CONFIG.encoder),
+                               global_model=bf16(CONFIG.global_model),
+                               decoder=bf16(CONFIG.decoder))
+  tokens = _tokens(0)
+  segment_ids = jnp.ones_like(tokens)
+  patches = patcher.patch(PATCHERS["static"], tokens, segment_ids)
+  module = blt.BLT(config)
+  params = module.init(jax.random.PRNGKey(0), tokens, segment_ids, patches)
+  entropy_module = entropy_model.EntropyModel(bf16(LOCAL))
+  entropy_params = entropy_module.init(jax.random.PRNGKey(1), tokens, segment_ids)
+  for logits in (module.apply(params, tokens, segment_ids, patches)[0],
+                 entropy_module.apply(entropy_params, tokens, segment_ids)):
+    assert logits.dtype == jnp.float32
+    on_bf16_grid = np.asarray(logits.astype(jnp.bfloat16).astype(jnp.float32))
+    assert np.mean(np.asarray(logits) != on_bf16_grid) > 0.9

@@ -19,8 +19,8 @@ class EntropyModel(nn.Module):
     cfg = self.config
     self.embed = layers.Embed(blt_bytes.VOCAB_SIZE, cfg.d_model, cfg.compute_dtype)
     self.transformer = layers.Transformer(cfg)
-    self.norm = layers.RMSNorm(cfg.norm_eps, cfg.compute_dtype)
-    self.lm_head = layers.Dense(blt_bytes.VOCAB_SIZE, ("embed", "vocab"), cfg.compute_dtype)
+    self.norm = layers.RMSNorm(cfg.norm_eps, jnp.float32)    # float32 logits: see decoder
+    self.lm_head = layers.Dense(blt_bytes.VOCAB_SIZE, ("embed", "vocab"), jnp.float32)
 
   def __call__(self, tokens, segment_ids, positions=None):
     if positions is None:
@@ -32,5 +32,4 @@ class EntropyModel(nn.Module):
     """Logits and per-layer (k, v) under any attention spec (generation passes caches)."""
     x = nn.with_logical_constraint(self.embed(tokens), ("batch", "length", "act_embed"))
     x, kvs = self.transformer(x, positions, spec)
-    logits = self.lm_head(self.norm(x))
-    return logits.astype(jnp.float32), kvs
+    return self.lm_head(self.norm(x)), kvs
