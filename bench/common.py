@@ -15,12 +15,18 @@ RESULTS = os.path.join(REPO, "bench", "RESULTS.md")
 
 
 def git_commit() -> str:
-  """The checkout's commit, or $GIT_COMMIT (the GPU machine's copy has no .git)."""
+  """$GIT_COMMIT when set, else the checkout's commit.
+
+  The variable wins: the GPU machine's copy of the tree may carry a `.git` that is not at
+  the commit of the files it runs.
+  """
+  if os.environ.get("GIT_COMMIT"):
+    return os.environ["GIT_COMMIT"]
   try:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, check=True, cwd=REPO).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
-    return os.environ.get("GIT_COMMIT", "unknown")
+    return "unknown"
 
 
 def device_name() -> str:
