@@ -116,11 +116,14 @@ def loadavg() -> list[float]:
 
 
 def git_commit() -> str:
+  """$GIT_COMMIT when set (the GPU machine's copy may carry a stale .git), else git's."""
+  if os.environ.get("GIT_COMMIT"):
+    return os.environ["GIT_COMMIT"]
   try:
     return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
                           cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
-    return os.environ.get("GIT_COMMIT", "unknown")   # the GPU machine's copy has no .git
+    return "unknown"
 
 
 def stdlib_prompts(count: int, nbytes: int) -> list[tuple[str, bytes]]:
