@@ -2,7 +2,8 @@
 
 Every command that reads an experiment file takes `--config FILE[:arg]` and any number
 of `--config.section.key=value` overrides. Errors a user can fix are printed as one
-line (`bltjax: error: ...`) with exit status 2.
+line (`bltjax: error: ...`) with exit status 2. Compiled programs are cached on disk
+(`bltjax/compile_cache.py`: `BLTJAX_COMPILE_CACHE=DIR|off`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from typing import Sequence
 
 from bltjax import checkpoint
+from bltjax import compile_cache
 from bltjax import configs
 from bltjax import distributed
 from bltjax.train import NonFiniteLossError
@@ -385,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(rest)
   try:
+    compile_cache.enable()    # A re-run reads its compiled programs from disk.
     distributed.initialize()  # Multi-host: before anything touches devices.
     args.fn(args, overrides)
   except (configs.ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as e:

@@ -11,6 +11,8 @@ os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_second
                             " --xla_cpu_collective_timeout_seconds=900"
                             " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# In-process `cli.main` calls leave JAX's disk cache off (tests of it set their own).
+os.environ["BLTJAX_COMPILE_CACHE"] = "off"
 
 import jax  # noqa: E402
 

@@ -8,7 +8,10 @@ path; that entropy model's directory is itself an entropy-model workdir.
 
 import math
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -203,6 +206,22 @@ def test_clear_errors(model, workdir, tmp_path):
     bltjax.load(str(empty))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     bltjax.load(str(tmp_path / "nowhere"))
+
+
+def test_generate_command_run_again_reads_its_compiled_program_from_the_disk_cache(
+    workdir, tmp_path):
+  env = dict(os.environ, BLTJAX_COMPILE_CACHE=str(tmp_path / "xla_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  command = [sys.executable, "-m", "bltjax.cli", "generate", "--workdir", workdir,
+             "--prompt", "def ", "--max_bytes", "8", "--repeats", "0"]
+
+  def compile_seconds():
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return float(re.search(r"compile ([0-9.]+) s", proc.stdout).group(1))
+
+  first = compile_seconds()
+  assert os.listdir(tmp_path / "xla_cache")
+  assert compile_seconds() < first / 2
 
 
 def test_generate_command(model, entropy_dir, tmp_path, capsys, monkeypatch):
