@@ -227,17 +227,23 @@ def test_initialize_does_nothing_for_one_process():
 # --- bench/gpu_suite.sh ---------------------------------------------------------------
 
 def test_gpu_suite_dry_run_lists_every_benchmark_within_eight_minutes():
-  proc = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_suite.sh")],
-                        env=dict(os.environ, DRY_RUN="1"), capture_output=True, text=True,
-                        timeout=60, cwd=REPO)
-  assert proc.returncode == 0, proc.stderr
-  steps = re.findall(r"^== \[(\d+) s\] \S+ (.*)$", proc.stdout, flags=re.M)
-  commands = " ".join(c for _, c in steps)
+  def dry_run(*steps):
+    proc = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_suite.sh"), *steps],
+                          env=dict(os.environ, DRY_RUN="1"), capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    return re.findall(r"^== \[(\d+) s\] \S+ (.*)$", proc.stdout, flags=re.M)
+
+  default = dry_run()
+  commands = " ".join(c for _, c in default)
   for bench in ("pallas_kernels.sparse_ffn.bench", "train_throughput.py --model entropy_100m",
-                "bltd8_400m", "sparse_ffn_train.py", "blt_bench.py:bltd8,large",
-                "generation.py"):
+                "sparse_ffn_train.py", "blt_bench.py:bltd8,large", "generation.py",
+                "hf_peer.py"):
     assert bench in commands
-  assert sum(int(b) for b, _ in steps) < 8 * 60
+  assert sum(int(b) for b, _ in default) < 8 * 60
+  named_only = dry_run("generation_all", "bltd8_400m")   # too long for the 8 minutes
+  assert "bltd8_400m" in named_only[1][1] and "--quick" not in named_only[0][1]
+  steps = default + named_only
   for _, command in steps:   # every script it names exists
     target = command.split()[1] if command.startswith("-m ") else command.split()[0]
     path = (target.replace(".", "/") + ".py" if command.startswith("-m ") and
