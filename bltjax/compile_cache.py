@@ -21,6 +21,7 @@ ENV = "BLTJAX_COMPILE_CACHE"
 
 
 def default_dir() -> str:
+  """`$XDG_CACHE_HOME/bltjax/xla`, or `~/.cache/bltjax/xla`."""
   cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
                                                                 ".cache")
   return os.path.join(cache_home, "bltjax", "xla")
