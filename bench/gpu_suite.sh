@@ -6,16 +6,17 @@
 #   bash ../shared/gpu/fetch_wheels.sh tensorboardX      # once, here: wheels for grain etc.
 #   bash bench/fetch_hf_wheels.sh                        # once, here: transformers (hf_peer)
 #   (device) export GIT_COMMIT=<git rev-parse --short HEAD, read here: the copy there
-#            may have no .git, or a stale one>; source .whl/activate.sh && bash bench/gpu_suite.sh
+#            may have no .git, or a stale one>; source .whl/activate.sh &&
+#            bash bench/gpu_suite.sh
 #   (device) ... bash bench/gpu_suite.sh gen_train generation   # only these steps
 #
 # Steps, most wanted first: gen_train generation entropy_100m sparse_ffn hf_peer
 # sparse_ffn_train (budgets: 475 s in all). Only when named: generation_all (every
 # generation setting, ~6 min) and bltd8_400m (its init compile alone outran 60 s on an
-# H200, 2026-11-27): the 8 minutes cannot hold them. Each
-# step has its own time budget; one that fails or runs out of time is reported (a
-# timed-out step prints every thread's Python stack, so the log says where the time went)
-# and the suite goes on. DRY_RUN=1 prints the commands only.
+# H200, 2026-11-27): the 8 minutes cannot hold them. Each step has its own time budget;
+# one that fails or runs out of time is reported (a timed-out step prints every thread's
+# Python stack, so the log says where the time went) and the suite goes on. DRY_RUN=1
+# prints the commands only.
 #
 # Compilation is most of each step's budget: on an H200 (jax 0.11.2) the unrolled init of
 # a 185M BLT compiled in 79 s. Every model here scans its global / entropy layers
@@ -70,7 +71,8 @@ for step in $STEPS; do
     # Issue 4: sparse FFN kernel vs dense XLA, forward and forward+backward (checks numerics).
     # XLA's default flags here: with Triton GEMMs off the dense baseline's fwd+bwd ran 38%
     # slower on an H200 (12.5 ms vs 9.1 ms), which would flatter the kernels.
-    sparse_ffn) XLA_FLAGS= run 40 -m pallas_kernels.sparse_ffn.bench --variants sparse,auto --iters 10 ;;
+    sparse_ffn) XLA_FLAGS= run 40 -m pallas_kernels.sparse_ffn.bench --variants sparse,auto \
+        --iters 10 ;;
     # Issue 4: end-to-end train step of a BLT with relu+L1 global FFNs, pallas vs xla vs dense.
     sparse_ffn_train) run 70 bench/sparse_ffn_train.py --preset gpu --quick --train_seconds 10 \
         --timing_steps 10 --timing_rounds 1 --set train.batch_size=32 \
