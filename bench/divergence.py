@@ -78,9 +78,9 @@ def main(argv=None):
   if not args.no_append:
     common.append(f"Greedy {args.method} vs cached AR: where outputs part", table, argv=argv,
                   note=(f"Model: `{args.workdir}` (step {model.step}), compute dtype "
-                        f"{model.config.model.dtype}. {args.prompts} held-out prompts in one batch, "
-                        f"{args.bytes} bytes each, draft_len {args.draft_len}. Ids are byte "
-                        "+ 4."))
+                        f"{model.config.model.dtype}. {args.prompts} held-out prompts in "
+                        f"one batch, {args.bytes} bytes each, draft_len {args.draft_len}. "
+                        "Ids are byte + 4."))
 
 
 if __name__ == "__main__":
