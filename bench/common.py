@@ -15,18 +15,23 @@ RESULTS = os.path.join(REPO, "bench", "RESULTS.md")
 
 
 def git_commit() -> str:
-  """$GIT_COMMIT when set, else the checkout's commit.
+  """$GIT_COMMIT when set, else the checkout's short commit, `-dirty` when tracked files
+  differ from it (the numbers then come from code no commit holds).
 
   The variable wins: the GPU machine's copy of the tree may carry a `.git` that is not at
   the commit of the files it runs.
   """
   if os.environ.get("GIT_COMMIT"):
     return os.environ["GIT_COMMIT"]
+  git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO)
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=True, cwd=REPO).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode:
+      return "unknown"
+    dirty = git("diff", "--quiet", "HEAD", "--").returncode == 1
+  except OSError:
     return "unknown"
+  return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def device_name() -> str:

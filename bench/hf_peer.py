@@ -115,17 +115,6 @@ def loadavg() -> list[float]:
     return []
 
 
-def git_commit() -> str:
-  """$GIT_COMMIT when set (the GPU machine's copy may carry a stale .git), else git's."""
-  if os.environ.get("GIT_COMMIT"):
-    return os.environ["GIT_COMMIT"]
-  try:
-    return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
-                          cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
 def stdlib_prompts(count: int, nbytes: int) -> list[tuple[str, bytes]]:
   """`count` ASCII windows of `nbytes` bytes, each starting on a line of a module."""
   import sysconfig  # pylint: disable=g-import-not-at-top
@@ -369,6 +358,7 @@ def run_bltjax(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, REPO)
   import bltjax  # pylint: disable=g-import-not-at-top
+  from bench import common  # pylint: disable=g-import-not-at-top
   from bltjax import convert  # pylint: disable=g-import-not-at-top
 
   with open(args.port) as f:
@@ -428,7 +418,7 @@ def run_bltjax(args) -> dict:
   report = dict(port=ref, rows=rows, parameters=int(n_params), load_before=load_before,
                 generated_patch_len=patch_len,
                 load_after=loadavg(), date=datetime.date.today().isoformat(),
-                commit=git_commit(), cpu=cpu_name(), cores=os.cpu_count(),
+                commit=common.git_commit(), cpu=cpu_name(), cores=os.cpu_count(),
                 jax=jax.__version__, device=str(jax.devices()[0]),
                 device_kind=("cpu" if jax.devices()[0].platform == "cpu"
                              else jax.devices()[0].device_kind))
