@@ -6,11 +6,12 @@
   done; done
 
 Each process imports bltjax from `--repo`, loads `--workdir` and times AR, BLT-S k=8 and
-BLT-D-8 (alpha 0.5) on 8 held-out prompts x 128 bytes at batch 1 and 8 (fastest of
-`--repeats` timed runs after a compile; the generation loop, the prompts' prefill timed
-apart, and the whole decode); `--temperature` samples (every method alike, draws keyed by
-row and position: BLT-S still reproduces AR). Alternating old/new processes is how a change's
-effect is read on a machine whose speed drifts; the prints are the rows to compare.
+BLT-D-8 (alpha 0.5) on 8 held-out prompts x 128 bytes at batch 1 and 8 (`--batch_sizes`;
+fastest of `--repeats` timed runs after a compile; the generation loop, the prompts'
+prefill timed apart, and the whole decode); `--temperature` samples (every method alike,
+draws keyed by row and position: BLT-S still reproduces AR). Alternating old/new
+processes is how a change's effect is read on a machine whose speed drifts; the prints
+are the rows to compare.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main(argv=None):
   parser.add_argument("--workdir", required=True, help="a trained BLT workdir")
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  parser.add_argument("--batch_sizes", default="1,8")
   args = parser.parse_args(argv)
   sampling = dict(temperature=args.temperature, seed=0) if args.temperature else {}
   sys.path.insert(0, os.path.abspath(args.repo))
@@ -37,7 +39,7 @@ def main(argv=None):
   model = bltjax.load(args.workdir)
   items = continuation.make_continuations(model.config.data, count=8, prompt_bytes=64,
                                           continuation_bytes=128, seed=0)
-  for batch in (1, 8):
+  for batch in [int(b) for b in args.batch_sizes.split(",")]:
     for method, options in METHODS:
       runs = [continuation.run(model, items, method=method, batch_size=batch, **options,
                                **sampling)

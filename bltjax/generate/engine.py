@@ -302,12 +302,14 @@ class Engine:
     num_closed = self._num_closed(next_patch_ids, state.length)
     state = dataclasses.replace(state, starts=starts)
     batch = state.length.shape[0]
-    # An extension of T bytes closes at most T patches but usually one or about T / 4.5:
-    # the global model runs on the fewest slots that suffice, of 1, 1 + T / 4 and T (on
-    # CPU a call over 3 patches costs ~1.3x one over 1, over 8 ~1.65x). A one-byte step
-    # closes a patch in few rows of a batch: it runs on the fewest rows that suffice, of
-    # 1, 2, 4 and B (8 rows cost ~5x one on CPU); a wider extension runs on every row.
-    groups = sorted({1, min(width, 1 + -(-width // 4)), width})
+    # An extension of T bytes closes at most T patches but usually one, two or about
+    # T / 4.5: the global model runs on the fewest slots that suffice, of 1, 2, 1 + T / 4
+    # and T (at batch 1 on CPU a call's cost grows with its slots: over 2, 3 and 8
+    # patches it cost 1.3x, 1.3x, 1.65x one over 1 on one machine, 1.6x, 2.3x, 2.8x on
+    # another). A one-byte step closes a patch in few rows of a batch: it runs on the
+    # fewest rows that suffice, of 1, 2, 4 and B (8 rows cost ~5x one on CPU); a wider
+    # extension runs on every row.
+    groups = sorted({min(width, g) for g in (1, 2, 1 + -(-width // 4), width)})
     row_groups = sorted({min(r, batch) for r in (1, 2, 4)} | {batch}) if width == 1 else [batch]
     closing = num_closed > state.num_patches                     # [B]
     branches = [(rows, group) for rows in row_groups for group in groups]
