@@ -304,9 +304,9 @@ class Engine:
     batch = state.length.shape[0]
     # An extension of T bytes closes at most T patches but usually one, two or about
     # T / 4.5: the global model runs on the fewest slots that suffice, of 1, 2, 1 + T / 4
-    # and T (at batch 1 on CPU a call's cost grows with its slots: over 2, 3 and 8
-    # patches it cost 1.3x, 1.3x, 1.65x one over 1 on one machine, 1.6x, 2.3x, 2.8x on
-    # another). A one-byte step closes a patch in few rows of a batch: it runs on the
+    # and T (at batch 1 on CPU a call's cost grows with its slots: over 3 and 8 patches
+    # it cost 1.3x and 1.65x one over 1 on one machine; over 2, 3 and 8, 1.4x, 2.0x and
+    # 2.2x on another). A one-byte step closes a patch in few rows of a batch: it runs on the
     # fewest rows that suffice, of 1, 2, 4 and B (8 rows cost ~5x one on CPU); a wider
     # extension runs on every row.
     groups = sorted({min(width, g) for g in (1, 2, 1 + -(-width // 4), width)})
