@@ -85,6 +85,21 @@ def test_cached_ar_on_eight_ragged_rows_equals_full_recomputation(params):
   assert cached == reference
 
 
+def test_extensions_closing_two_patches_equal_full_recomputation(params):
+  # Static patches of 4 bytes after BOS: each 8-byte prefill chunk of a 15-byte prompt,
+  # and each 8-byte BLT-S verification, closes exactly two patches (the global model's
+  # 2-slot branch).
+  patcher_config = patcher.PatcherConfig(mode="static", patch_size=4)
+  prompts = [PROMPTS[2][:15]]
+  cached, _ = _decode(params, patcher_config, prompts=prompts, max_bytes=24, prefill_chunk=8)
+  reference = ar.reference_greedy(blt.BLT(CONFIG), params["blt"], patcher_config, None,
+                                  [blt_bytes.encode(p, add_eos=False) for p in prompts], 24)
+  assert cached == reference
+  speculated, _ = _decode(params, patcher_config, prompts=prompts, max_bytes=24,
+                          prefill_chunk=8, method="blt_s", draft_len=8)
+  assert speculated == reference
+
+
 @pytest.mark.parametrize("draft_len", [pytest.param(4, marks=pytest.mark.slow), 8,
                                        pytest.param(16, marks=pytest.mark.slow)])
 def test_greedy_blt_s_and_blt_dv_equal_ar(draft_len, params):
