@@ -172,11 +172,20 @@ def initialize(env: Mapping[str, str] | None = None, *, timeout_s: int | None = 
   return plan
 
 
-def barrier(name: str) -> None:
-  """Waits until every process reaches `name` (nothing to do for one process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
+def barrier(name: str, timeout_s: int | None = None) -> None:
+  """Waits until every process reaches the barrier `name` (nothing to do for one process).
+
+  The wait goes through the coordination service, not a device collective, so it may
+  last up to `timeout_s` (default `BLTJAX_INIT_TIMEOUT` or 300 s): a collective's first
+  run gives late peers only gloo's fixed 30 s. `name` must be new for each barrier.
+  """
+  if jax.process_count() == 1:
+    return
+  if timeout_s is None:
+    timeout_s = plan_from_env().timeout_s
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src import distributed as jax_distributed  # The client has no public handle.
+  jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
 
 
 def is_main() -> bool:

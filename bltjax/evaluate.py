@@ -139,6 +139,7 @@ def evaluate_workdir(workdir: str, data: str, *, seq_len: int | None = None,
   except sharding.ShardingError as e:
     raise EvalError(f"{e} (for bltjax eval: pass --batch_size or --config.mesh.*)") from None
   params, step = checkpoint.load_params(workdir, trainer.abstract_state.params, step=step)
+  trainer.compile_steps(train_step=False)
 
   results = []
   for path in files:

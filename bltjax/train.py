@@ -24,6 +24,7 @@ import optax
 from bltjax import checkpoint as checkpoint_lib
 from bltjax import configs
 from bltjax import data as data_lib
+from bltjax import distributed
 from bltjax import flops
 from bltjax import losses
 from bltjax import metrics as metrics_lib
@@ -144,6 +145,23 @@ class Trainer:
     with sharding.use_mesh(self.mesh):
       return self._jit_train_step.trace(self.abstract_state, batch, self.frozen).lower()
 
+  def compile_steps(self, *, train_step: bool = True) -> None:
+    """Compiles the eval step (and the train step) now; with several processes, then
+    waits until every process has compiled them.
+
+    The first run of a step sets up its cross-process collectives, and gloo (CPU) gives
+    peers that are still compiling only 30 s to arrive; on a loaded host compilation
+    times differ by more. Calls of the steps afterwards reuse these executables.
+    """
+    batch = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.batch_sharding),
+        abstract_batch(self.config.train.batch_size, self.config.train.seq_len))
+    with sharding.use_mesh(self.mesh):
+      if train_step:
+        self._jit_train_step.trace(self.abstract_state, batch, self.frozen).lower().compile()
+      self._jit_eval_step.trace(self.abstract_state.params, batch, self.frozen).lower().compile()
+    distributed.barrier(f"bltjax/steps_compiled/{'train' if train_step else 'eval'}")
+
   def eval_step(self, params, batch, frozen):
     """Sums of CE nats and target bytes of one batch (jitted)."""
     with sharding.use_mesh(self.mesh):
@@ -252,6 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
       f"{trainer.mesh.size} devices ({jax.devices()[0].device_kind}), mesh "
       f"{dict(trainer.mesh.shape)}, {n_params / 1e6:.2f}M params, workdir {workdir}, "
       + (f"resuming at step {start_step}" if start_step else "starting at step 0"))
+  trainer.compile_steps(train_step=start_step < tcfg.steps)
   peak = flops.peak_flops(jax.devices()[0].device_kind)
   step_flops = trainer.objective.train_flops(tcfg.batch_size, tcfg.seq_len)
 

@@ -36,9 +36,9 @@ def _cli_overrides(corpus, **overrides):
   return args + [f"--config.{k.replace('__', '.')}={v}" for k, v in overrides.items()]
 
 
-def launch(n, devices_per_process, args):
+def launch(n, devices_per_process, args, python=sys.executable):
   """Runs `launch/multiprocess.sh n ... args`; returns its stdout."""
-  env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, PYTHON=python, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if "xla_force_host_platform_device_count" not in f)
   for name in [k for k in env if k.startswith("BLTJAX_")]:
@@ -138,3 +138,39 @@ def test_two_process_checkpoint_resumes_on_four_processes(
   assert sorted(losses) == [1, 2, 3, 4, 5, 6]
   np.testing.assert_allclose([losses[s] for s in (4, 5, 6)],
                              [straight_losses[s] for s in (4, 5, 6)], rtol=1e-5)
+
+
+# A Python for the launcher that runs `-m bltjax.cli ARGS` with process 1 tracing the
+# train step 40 s late (and any other command as it is).
+LATE_PEER_PYTHON = """#!/usr/bin/env bash
+[[ "$1" == "-m" ]] || exec {python} "$@"
+shift 2  # -m bltjax.cli
+exec {python} -c '
+import os, runpy, sys, time
+from bltjax import train
+if os.environ["BLTJAX_PROCESS_ID"] == "1":
+  on_time = train.Trainer._train_step
+  def late(self, *args):
+    time.sleep(40)
+    return on_time(self, *args)
+  train.Trainer._train_step = late
+sys.argv[0] = "bltjax"
+runpy.run_module("bltjax.cli", run_name="__main__")
+' "$@"
+"""
+
+
+@pytest.mark.slow
+def test_a_process_compiling_40s_late_does_not_break_the_first_step(tiny_corpus, tmp_path):
+  # Gloo gives the peers of a collective's first run 30 s; processes on a loaded host
+  # finish compiling further apart than that, so they wait for each other before it.
+  python = tmp_path / "late_peer_python"
+  python.write_text(LATE_PEER_PYTHON.format(python=sys.executable))
+  python.chmod(0o755)
+  workdir = str(tmp_path / "run")
+  stdout = launch(2, 4, ["train", "--config", "experiments/entropy_tiny.py:runlocal",
+                         "--workdir", workdir,
+                         *_cli_overrides(tiny_corpus, **dict(OVERRIDES, train__steps=2))],
+                  python=str(python))
+  assert "process 0/2" in stdout
+  assert [s for s, _ in _losses(workdir)] == [1, 2]
