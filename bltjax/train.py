@@ -156,9 +156,9 @@ class Trainer:
     batch = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.batch_sharding),
         abstract_batch(self.config.train.batch_size, self.config.train.seq_len))
+    if train_step:
+      self.lower_train_step(batch).compile()
     with sharding.use_mesh(self.mesh):
-      if train_step:
-        self._jit_train_step.trace(self.abstract_state, batch, self.frozen).lower().compile()
       self._jit_eval_step.trace(self.abstract_state.params, batch, self.frozen).lower().compile()
     distributed.barrier(f"bltjax/steps_compiled/{'train' if train_step else 'eval'}")
 

@@ -3,12 +3,15 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from bltjax import checkpoint
 from bltjax import configs
+from bltjax import data as data_lib
 from bltjax import metrics
+from bltjax import sharding
 from bltjax import train
 from conftest import tiny_entropy_config, train_on_one_device
 
@@ -60,6 +63,24 @@ def test_time_budget_stops_after_training_time_and_saves_the_last_step(tiny_corp
   last = max(_losses(workdir))
   assert 2 <= last < 100_000
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(last)]
+
+
+def test_steps_compiled_ahead_are_the_executables_the_steps_run(tiny_corpus, tmp_path,
+                                                                 caplog):
+  # Multi-process runs compile both steps before any process runs one (see
+  # Trainer.compile_steps); a call that compiled again would defeat that.
+  config = tiny_entropy_config(tiny_corpus)
+  trainer = train.Trainer(config, str(tmp_path), jax.devices()[:2])
+  state = trainer.init_state(jax.random.PRNGKey(0))
+  trainer.compile_steps()
+  shape = (config.train.batch_size, config.train.seq_len)
+  batch = sharding.make_global_batch(
+      {k: np.zeros(shape, np.int32) for k in data_lib.BATCH_KEYS}, trainer.mesh)
+  with jax.log_compiles(), caplog.at_level("WARNING"):
+    state, _ = trainer.train_step(state, batch, trainer.frozen)
+    jax.block_until_ready(trainer.eval_step(state.params, batch, trainer.frozen))
+  compiled = [r.getMessage() for r in caplog.records if "XLA compilation" in r.getMessage()]
+  assert not [m for m in compiled if "_train_step" in m or "eval_sums" in m], compiled
 
 
 def test_workdir_of_another_model_is_refused(tiny_corpus, tmp_path):
