@@ -1,14 +1,17 @@
-"""What every benchmark script records with its numbers: device, date, command, commit."""
+"""What every benchmark script records with its numbers: device, date, command, commit.
+
+jax is imported where it is used: bench/hf_peer.py's torch steps import this module in a
+virtualenv without jax.
+"""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
 import subprocess
 import sys
-
-import jax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "bench", "RESULTS.md")
@@ -35,10 +38,22 @@ def git_commit() -> str:
 
 
 def device_name() -> str:
+  import jax  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
   if device.platform == "cpu":
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
   return device.device_kind
+
+
+def batch_sizes(text: str) -> list[int]:
+  """The argparse type of `--batch_sizes`: "1,8" -> [1, 8]."""
+  try:
+    batches = [int(b) for b in text.split(",") if b.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers") from None
+  if not batches or min(batches) < 1:
+    raise argparse.ArgumentTypeError(f"{text!r}: positive integers")
+  return batches
 
 
 def command(argv=None) -> str:
@@ -48,6 +63,7 @@ def command(argv=None) -> str:
 
 def append(title: str, body: str, *, argv=None, note: str = "", path: str = RESULTS) -> None:
   """Appends a section `## title (device, date, commit)` with the command and `body`."""
+  import jax  # pylint: disable=g-import-not-at-top
   flags = f", XLA_FLAGS `{os.environ['XLA_FLAGS']}`" if os.environ.get("XLA_FLAGS") else ""
   header = (f"\n## {title} ({device_name()}, {datetime.date.today().isoformat()}, commit "
             f"{git_commit()}, jax {jax.__version__}{flags})\n\nCommand: `{command(argv)}`. "

@@ -59,7 +59,7 @@ def main(argv=None):
   parser.add_argument("--prompts", type=int, default=16, help="held-out prompts")
   parser.add_argument("--prompt_bytes", type=int, default=64)
   parser.add_argument("--bytes", type=int, default=128, help="bytes generated per prompt")
-  parser.add_argument("--batch_sizes", default="1,8")
+  parser.add_argument("--batch_sizes", type=common.batch_sizes, default="1,8")
   parser.add_argument("--rounds", type=int, default=3,
                       help="timings per setting, interleaved across settings; the fastest "
                            "counts (the first is the quality run)")
@@ -78,7 +78,7 @@ def main(argv=None):
   settings = [(label, method, {**options, **sampling})
               for label, method, options in SETTINGS if not args.quick or label in QUICK]
   rows = []
-  for batch in (int(b) for b in args.batch_sizes.split(",")):
+  for batch in args.batch_sizes:
     results = []
     for label, method, options in settings:   # quality, NFE and a first timing
       results.append(continuation.run(

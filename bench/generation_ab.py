@@ -21,6 +21,10 @@ import math
 import os
 import sys
 
+# bench.common from this checkout; bltjax from --repo (put first on the path in main).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # noqa: E402  pylint: disable=g-import-not-at-top
+
 METHODS = (("ar", {}), ("blt_s", {"draft_len": 8}), ("blt_d", {"block_size": 8, "alpha": 0.5}))
 
 
@@ -30,7 +34,7 @@ def main(argv=None):
   parser.add_argument("--workdir", required=True, help="a trained BLT workdir")
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-  parser.add_argument("--batch_sizes", default="1,8")
+  parser.add_argument("--batch_sizes", type=common.batch_sizes, default="1,8")
   args = parser.parse_args(argv)
   sampling = dict(temperature=args.temperature, seed=0) if args.temperature else {}
   sys.path.insert(0, os.path.abspath(args.repo))
@@ -39,7 +43,7 @@ def main(argv=None):
   model = bltjax.load(args.workdir)
   items = continuation.make_continuations(model.config.data, count=8, prompt_bytes=64,
                                           continuation_bytes=128, seed=0)
-  for batch in [int(b) for b in args.batch_sizes.split(",")]:
+  for batch in args.batch_sizes:
     for method, options in METHODS:
       runs = [continuation.run(model, items, method=method, batch_size=batch, **options,
                                **sampling)

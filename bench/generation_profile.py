@@ -78,7 +78,7 @@ def pieces(engine, batch: int):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="a trained BLT workdir")
-  parser.add_argument("--batch_sizes", default="1,8")
+  parser.add_argument("--batch_sizes", type=common.batch_sizes, default="1,8")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--no_append", action="store_true")
   args = parser.parse_args(argv)
@@ -88,7 +88,7 @@ def main(argv=None):
   prompt = blt_bytes.encode(PROMPT, add_bos=True, add_eos=False)
   config = model.decode_config("ar", 64)
   engine = model.engine(len(prompt), config)
-  batches = [int(b) for b in args.batch_sizes.split(",")]
+  batches = args.batch_sizes
   times = {}
   for batch in batches:
     ids = np.tile(np.asarray(prompt, np.int32), (batch, 1))

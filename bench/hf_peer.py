@@ -50,6 +50,9 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from bench import common  # noqa: E402  pylint: disable=g-import-not-at-top  (jax-free)
+
 BOS, EOS, OFFSET = 1, 2, 4
 SUPPRESSED = [0, 1, 3]          # PAD, BOS, MASK: bltjax never emits them
 DEFAULT_HF_PYTHON = "/work/hfvenv/bin/python"
@@ -135,16 +138,6 @@ def stdlib_prompts(count: int, nbytes: int) -> list[tuple[str, bytes]]:
       pos = data.find(b"\n", pos) + 1
     out.append((f"{name}@{pos}", window))
   return out
-
-
-def parse_batches(text: str) -> list[int]:
-  try:
-    batches = [int(b) for b in text.split(",") if b.strip()]
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"--batch_sizes {text!r}: comma-separated integers")
-  if not batches or min(batches) < 1:
-    raise argparse.ArgumentTypeError(f"--batch_sizes {text!r}: positive integers")
-  return batches
 
 
 # ----------------------------------------------------------------------------- torch side
@@ -356,9 +349,7 @@ def compare(port_tokens, ours) -> dict:
 def run_bltjax(args) -> dict:
   """Converts, generates the port's prompts with every setting, compares and reports."""
   import jax  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, REPO)
   import bltjax  # pylint: disable=g-import-not-at-top
-  from bench import common  # pylint: disable=g-import-not-at-top
   from bltjax import convert  # pylint: disable=g-import-not-at-top
 
   with open(args.port) as f:
@@ -499,8 +490,6 @@ def format_row(row) -> str:
 
 
 def format_table(rows) -> str:
-  sys.path.insert(0, REPO)
-  from bench import common  # pylint: disable=g-import-not-at-top  (imports jax: jax side only)
   return common.markdown_table(COLUMNS, [_cells(r) for r in rows])
 
 
@@ -586,7 +575,7 @@ def parser() -> argparse.ArgumentParser:
                    help="prompts generated one at a time for batch 1")
     q.add_argument("--prompt_bytes", type=int, default=64)
     q.add_argument("--max_bytes", type=int, default=256)
-    q.add_argument("--batch_sizes", type=parse_batches, default=[1, 8])
+    q.add_argument("--batch_sizes", type=common.batch_sizes, default=[1, 8])
     q.add_argument("--device", default="cpu", help="torch device of the port (cpu, cuda)")
 
   def jax_args(q):
