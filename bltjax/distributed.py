@@ -177,7 +177,7 @@ def barrier(name: str, timeout_s: int | None = None) -> None:
 
   The wait goes through the coordination service, not a device collective, so it may
   last up to `timeout_s` (default `BLTJAX_INIT_TIMEOUT` or 300 s): a collective's first
-  run gives late peers only gloo's fixed 30 s. `name` must be new for each barrier.
+  run gives late peers only gloo's fixed 30 s (and orbax's barriers are such collectives).
   """
   if jax.process_count() == 1:
     return

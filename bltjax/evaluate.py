@@ -27,6 +27,7 @@ import jax
 
 from bltjax import checkpoint
 from bltjax import configs
+from bltjax import distributed
 from bltjax import sharding
 from bltjax import train
 from bltjax.data import sources
@@ -138,6 +139,7 @@ def evaluate_workdir(workdir: str, data: str, *, seq_len: int | None = None,
     trainer = train.Trainer(config, workdir, devices)
   except sharding.ShardingError as e:
     raise EvalError(f"{e} (for bltjax eval: pass --batch_size or --config.mesh.*)") from None
+  distributed.barrier("bltjax/eval_start")   # before the checkpoint's first collective
   params, step = checkpoint.load_params(workdir, trainer.abstract_state.params, step=step)
   trainer.compile_steps(train_step=False)
 

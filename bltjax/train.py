@@ -237,6 +237,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
   tcfg = config.train
   check_workdir_config(workdir, config)
   trainer = Trainer(config, workdir, devices)
+  distributed.barrier("bltjax/train_start")   # before the checkpoint's first collective
   is_main = jax.process_index() == 0
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep,
                                      async_save=tcfg.async_checkpoint)
