@@ -87,19 +87,6 @@ def test_scanned_stack_refuses_per_layer_specs_of_different_kinds():
                                       (spec, dataclasses.replace(spec, window=2), spec))
 
 
-def test_unstack_layers_undoes_stack_layers_wherever_a_stack_was_scanned():
-  stack = {f"layer_{i}": {"w": jnp.full((2, 3), float(i)), "b": jnp.full((3,), -i)}
-           for i in range(3)}
-  tree = {"blt": {"global_model": {"transformer": layers.stack_layers(stack),
-                                   "norm": jnp.ones(3)}}, "entropy": stack}
-  got = layers.unstack_layers(tree)
-  assert jax.tree.structure(got) == jax.tree.structure(
-      {"blt": {"global_model": {"transformer": stack, "norm": jnp.ones(3)}}, "entropy": stack})
-  for i in range(3):
-    np.testing.assert_array_equal(got["blt"]["global_model"]["transformer"][f"layer_{i}"]["w"],
-                                  stack[f"layer_{i}"]["w"])
-
-
 def test_stack_layers_refuses_other_params():
   with pytest.raises(ValueError, match="layer_0, layer_1"):
     layers.stack_layers({"layer_0": {}, "norm": {}})
@@ -133,10 +120,6 @@ def test_scanned_global_model_generates_the_same_bytes():
       outputs.append(np.asarray(result.tokens))
   np.testing.assert_array_equal(outputs[2], outputs[0])   # scanned AR == unrolled AR
   np.testing.assert_array_equal(outputs[3], outputs[1])   # scanned BLT-S == unrolled
-  # ... by the unrolled model's engine: per-layer caches are never stacked per step.
-  decode = generate.DecodeConfig(max_bytes=24)
-  assert (generate.make_engine(scanned, static, None, 8, decode)
-          == generate.make_engine(config, static, None, 8, decode))
 
 
 def test_scan_layers_trains_a_blt_with_stacked_global_params(tiny_corpus, tmp_path):

@@ -20,7 +20,6 @@ from bltjax.generate import hybrid
 from bltjax.generate import speculative
 from bltjax.generate.engine import COMPONENTS, EMBEDDED, Engine
 from bltjax.generate.sampling import SamplingConfig
-from bltjax.model import layers
 
 METHODS = ("ar", "blt_d", "blt_s", "blt_dv", "blt_h")
 
@@ -81,14 +80,8 @@ class DecodeResult(NamedTuple):
 
 def make_engine(blt_config, patcher_config, entropy_config, prompt_len: int,
                 config: DecodeConfig) -> Engine:
-  """An engine whose buffers hold the prompt, max_bytes and one extension of slack.
-
-  Stacks trained with `scan_layers` decode unrolled (`decode` unstacks their params once
-  per request): a scanned stack would stack every layer's KV cache into one array on
-  each step, a copy of the whole cache, and slice it apart again."""
-  unrolled = lambda c: dataclasses.replace(c, scan_layers=False)
-  blt_config = dataclasses.replace(blt_config, global_model=unrolled(blt_config.global_model))
-  return Engine(blt_config, patcher_config, entropy_config and unrolled(entropy_config),
+  """An engine whose buffers hold the prompt, max_bytes and one extension of slack."""
+  return Engine(blt_config, patcher_config, entropy_config,
                 max_len=prompt_len + config.max_bytes + config.max_extend + 1,
                 max_extend=config.max_extend)
 
@@ -98,9 +91,7 @@ def decode(engine: Engine, params, prompt_ids, prompt_lengths, config: DecodeCon
   """Prefill + the method's loop. prompt_ids `[B, L]` (BOS + bytes, right-padded).
 
   `knobs` (from `config.knobs()`, possibly traced) override the config's numeric knobs;
-  `config` then only needs the right structure. `params` may hold scanned stacks (see
-  `make_engine`)."""
-  params = layers.unstack_layers(params)
+  `config` then only needs the right structure."""
   knobs = config.knobs() if knobs is None else knobs
   state = engine.init_state(prompt_ids.shape[0])
   state, logits = engine.prefill(params, state, prompt_ids, prompt_lengths)
@@ -143,7 +134,7 @@ def prefill_program(engine: Engine):
   """The prefill that `decode` starts with, jitted alone: (params, ids, lengths) ->
   (state, logits). It times a request's prompt apart from its generation."""
   return jax.jit(lambda params, ids, lengths: engine.prefill(
-      layers.unstack_layers(params), engine.init_state(ids.shape[0]), ids, lengths))
+      params, engine.init_state(ids.shape[0]), ids, lengths))
 
 
 def jitted_decode(engine: Engine, config: DecodeConfig):

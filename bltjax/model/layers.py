@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -306,19 +306,6 @@ def stack_layers(stack_params):
                      f"keys {sorted(stack_params)}")
   return {"layers": jax.tree.map(lambda *leaves: jnp.stack(leaves),
                                  *(stack_params[n] for n in names))}
-
-
-def unstack_layers(params):
-  """A params tree with every scanned stack (a node whose only key is `layers`, leaves
-  `[n_layers, ...]`) in the unrolled layout `{layer_0: ..., layer_1: ...}`: the inverse
-  of `stack_layers`. Other nodes come back as they are."""
-  if not isinstance(params, Mapping):
-    return params
-  if set(params) == {"layers"}:
-    n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
-    return {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], params["layers"])
-            for i in range(n_layers)}
-  return {name: unstack_layers(sub) for name, sub in params.items()}
 
 
 def _ffn_layer_name(keys) -> str:
