@@ -291,7 +291,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
           f"last good checkpoint is step {last_saved} in {ckpt.directory}; lower optim.lr "
           "or check the data, then re-run to resume from it")
 
-  # The time budget counts training, not the first step's compilation (minutes on a GPU).
+  # The time budget counts training from the end of the first step: not the compilation
+  # (compile_steps, minutes on a GPU), nor the first run's one-time setup (collectives).
   run_start = None
   try:
     for step in range(start_step, tcfg.steps):
@@ -300,7 +301,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
       pending.append(step_metrics)
       done = step + 1
       writer.advance()
-      if window_start_time is None:  # the first step includes compilation: not timed
+      if window_start_time is None:  # the first step (one-time setup): not timed
         jax.block_until_ready(state.step)
         window_start_time, window_steps = time.perf_counter(), 0
         run_start = window_start_time
