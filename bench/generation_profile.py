@@ -84,10 +84,10 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   model = bltjax.load(args.workdir)
-  params = {"blt": model.params, "entropy": model.frozen}
   prompt = blt_bytes.encode(PROMPT, add_bos=True, add_eos=False)
   config = model.decode_config("ar", 64)
   engine = model.engine(len(prompt), config)
+  params = engine.layout_params({"blt": model.params, "entropy": model.frozen})
   batches = args.batch_sizes
   times = {}
   for batch in batches:

@@ -200,6 +200,8 @@ def cmd_generate(args, overrides):
   options = {k: getattr(args, k) for k in ("block_size", "alpha", "gamma", "draft_len",
                                            "block_commit", "gate", "temperature", "top_p")
              if getattr(args, k) is not None}
+  if args.scanned_layers:
+    options["unroll_layers"] = False
   methods = list(dict.fromkeys(args.method or ["ar"]))
   model = bltjax.load(args.workdir)
   for method in methods:  # every option checked before any compile
@@ -362,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--temperature", type=float, default=None, help="0: greedy (default)")
   p.add_argument("--top_p", type=float, default=None)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--scanned_layers", action="store_true",
+                 help="decode stacks trained with model.scan_layers scanned (default: "
+                 "unrolled, faster per byte but slower to compile)")
   p.add_argument("--repeats", type=int, default=1,
                  help="timed runs after the first (warm-up) run; 0: time the first run")
   p.set_defaults(fn=cmd_generate)

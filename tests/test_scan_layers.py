@@ -92,6 +92,16 @@ def test_stack_layers_refuses_other_params():
     layers.stack_layers({"layer_0": {}, "norm": {}})
 
 
+def test_unstack_layers_inverts_stack_layers():
+  x = jnp.ones((2, 5, 32))
+  params = _init(STACK, x, attention.CausalSpec(_positions(x), jnp.ones((2, 5), jnp.int32)))
+  stack = params["params"]
+  back = layers.unstack_layers(layers.stack_layers(stack))
+  assert jax.tree.structure(back) == jax.tree.structure(stack)
+  jax.tree.map(np.testing.assert_array_equal, back, stack)
+  assert layers.unstack_layers(stack) is stack   # already unrolled: as it is
+
+
 def test_scanned_global_model_generates_the_same_bytes():
   local = layers.TransformerConfig(d_model=32, n_layers=2, n_heads=2, window=8)
   config = blt.BltConfig(encoder=dataclasses.replace(local, n_layers=1),
@@ -109,11 +119,21 @@ def test_scanned_global_model_generates_the_same_bytes():
       params["global_model"], transformer=layers.stack_layers(
           params["global_model"]["transformer"])))
   ids, lengths = blt_bytes.encode_batch(["Hello world, this is", "ab"])
+  # By default a scanned stack decodes unrolled: the unrolled model's engine, its params
+  # unstacked (so the same program as the unrolled model's).
+  default = generate.DecodeConfig(max_bytes=24)
+  engine = generate.make_engine(scanned, static, None, ids.shape[1], default)
+  assert engine == generate.make_engine(config, static, None, ids.shape[1], default)
+  jax.tree.map(np.testing.assert_array_equal, engine.layout_params({"blt": stacked}),
+               {"blt": params})
+  # unroll_layers=False keeps it scanned
   outputs = []
   for model_config, model_params in ((config, params), (scanned, stacked)):
     for method in ("ar", "blt_s"):
-      decode = generate.DecodeConfig(method=method, max_bytes=24, draft_len=4)
+      decode = generate.DecodeConfig(method=method, max_bytes=24, draft_len=4,
+                                     unroll_layers=False)
       engine = generate.make_engine(model_config, static, None, ids.shape[1], decode)
+      assert engine.config.global_model.scan_layers == model_config.global_model.scan_layers
       result = generate.jitted_decode(engine, decode)(
           {"blt": model_params}, jnp.asarray(ids), jnp.asarray(lengths),
           jax.random.PRNGKey(3))

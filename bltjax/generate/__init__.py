@@ -37,6 +37,8 @@ class DecodeConfig:
   block_commit: str = "forced"   # forced | last_boundary
   gate: float = 0.9              # BLT-H: mean confidence needed to diffuse a block
   prefill_chunk: int = 32        # prompt bytes per prefill step
+  unroll_layers: bool = True     # stacks trained with model.scan_layers decode unrolled:
+                                 # faster steps, longer compile (see make_engine)
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -80,7 +82,17 @@ class DecodeResult(NamedTuple):
 
 def make_engine(blt_config, patcher_config, entropy_config, prompt_len: int,
                 config: DecodeConfig) -> Engine:
-  """An engine whose buffers hold the prompt, max_bytes and one extension of slack."""
+  """An engine whose buffers hold the prompt, max_bytes and one extension of slack.
+
+  With `config.unroll_layers`, stacks trained with `scan_layers` (the global and entropy
+  models) run unrolled (`decode` unstacks their params once per request): a scanned
+  step reads each layer's weights and KV cache through a slice of the stacked arrays,
+  which XLA:CPU copies on every call (decoding ran 1.3-1.6x slower scanned on CPU,
+  bench/RESULTS.md); unrolled, the program takes longer to compile."""
+  if config.unroll_layers:
+    unrolled = lambda c: dataclasses.replace(c, scan_layers=False)
+    blt_config = dataclasses.replace(blt_config, global_model=unrolled(blt_config.global_model))
+    entropy_config = entropy_config and unrolled(entropy_config)
   return Engine(blt_config, patcher_config, entropy_config,
                 max_len=prompt_len + config.max_bytes + config.max_extend + 1,
                 max_extend=config.max_extend)
@@ -93,6 +105,7 @@ def decode(engine: Engine, params, prompt_ids, prompt_lengths, config: DecodeCon
   `knobs` (from `config.knobs()`, possibly traced) override the config's numeric knobs;
   `config` then only needs the right structure."""
   knobs = config.knobs() if knobs is None else knobs
+  params = engine.layout_params(params)
   state = engine.init_state(prompt_ids.shape[0])
   state, logits = engine.prefill(params, state, prompt_ids, prompt_lengths)
   prefill_nfe = state.nfe
@@ -134,7 +147,7 @@ def prefill_program(engine: Engine):
   """The prefill that `decode` starts with, jitted alone: (params, ids, lengths) ->
   (state, logits). It times a request's prompt apart from its generation."""
   return jax.jit(lambda params, ids, lengths: engine.prefill(
-      params, engine.init_state(ids.shape[0]), ids, lengths))
+      engine.layout_params(params), engine.init_state(ids.shape[0]), ids, lengths))
 
 
 def jitted_decode(engine: Engine, config: DecodeConfig):

@@ -108,6 +108,21 @@ class Engine:
   def max_patches(self) -> int:
     return self.max_len
 
+  def layout_params(self, params):
+    """`params` (`{"blt": ..., "entropy": ...}`) with each stack this engine runs unrolled
+    in the unrolled layout (`layers.unstack_layers`: params trained with `scan_layers`
+    are stacked `[n_layers, ...]`)."""
+    blt = params["blt"]
+    if not self.config.global_model.scan_layers:
+      stack = blt["global_model"]
+      blt = dict(blt, global_model=dict(
+          stack, transformer=layers.unstack_layers(stack["transformer"])))
+    params = dict(params, blt=blt)
+    if self.entropy_config is not None and not self.entropy_config.scan_layers:
+      params["entropy"] = dict(params["entropy"], transformer=layers.unstack_layers(
+          params["entropy"]["transformer"]))
+    return params
+
   def _stack_cache(self, cfg: layers.TransformerConfig, batch: int, size: int) -> KVCache:
     return KVCache.empty(cfg.n_layers, batch, size, cfg.kv_heads, cfg.head_dim,
                          cfg.compute_dtype)

@@ -308,6 +308,17 @@ def stack_layers(stack_params):
                                  *(stack_params[n] for n in names))}
 
 
+def unstack_layers(stack_params):
+  """The inverse of `stack_layers`: one scanned stack's params `{layers: ...}` -> the
+  unrolled layout `{layer_0: ..., layer_1: ...}`; an unrolled stack's come back as they
+  are."""
+  if set(stack_params) != {"layers"}:
+    return stack_params
+  n_layers = jax.tree.leaves(stack_params["layers"])[0].shape[0]
+  return {f"layer_{i}": jax.tree.map(lambda leaf, i=i: leaf[i], stack_params["layers"])
+          for i in range(n_layers)}
+
+
 def _ffn_layer_name(keys) -> str:
   """Module path of a FeedForward -> a short metric name (`global_0`, `decoder_1`,
   `layer_0` for a lone stack)."""
