@@ -11,9 +11,11 @@
 #   (device) ... bash bench/gpu_suite.sh gen_train generation   # only these steps
 #
 # Steps, most wanted first: gen_train generation entropy_100m sparse_ffn hf_peer
-# sparse_ffn_train (budgets: 475 s in all). Only when named: generation_all (every
-# generation setting, ~6 min) and bltd8_400m (its init compile alone outran 60 s on an
-# H200, 2026-11-27): the 8 minutes cannot hold them. Each step has its own time budget;
+# sparse_ffn_train (budgets: 475 s in all; they ran in 437 s on 2026-11-27, before
+# generation unrolled the scanned global stack). Only when named: generation_all (every
+# generation setting, ~6 min), decode_layers (scanned vs unrolled decoding, ~4 min) and
+# bltd8_400m (its init compile alone outran 60 s on an H200, 2026-11-27): the 8 minutes
+# cannot hold them. Each step has its own time budget;
 # one that fails or runs out of time is reported (a timed-out step prints every thread's
 # Python stack, so the log says where the time went) and the suite goes on. DRY_RUN=1
 # prints the commands only.
@@ -56,12 +58,18 @@ for step in $STEPS; do
         --workdir "$GEN_DIR" --config.patcher.mode=static --config.model.dtype=bfloat16 \
         --config.model.scan_layers=true --config.train.time_budget_s=20 \
         --config.train.eval_batches=1 ;;
-    generation) run 165 bench/generation.py --workdir "$GEN_DIR" --quick --prompts 4 \
+    # Decoding unrolls the scanned global stack (DecodeConfig.unroll_layers): on CPU that
+    # compiled 1.2-1.3x longer than scanned; 103 s of compilation here when scanned.
+    generation) run 175 bench/generation.py --workdir "$GEN_DIR" --quick --prompts 4 \
         --batch_sizes 1 --rounds 2 ;;
     # Issue 6, only when named (after gen_train, ~6 min): every setting of the table at
     # batch 1 (13 generate programs at 13-26 s of compilation each on an H200).
     generation_all) run 360 bench/generation.py --workdir "$GEN_DIR" --prompts 4 \
         --batch_sizes 1 --rounds 2 ;;
+    # Issue 6, only when named (after gen_train): the generation model's global stack
+    # decoded scanned and unrolled, compile seconds and bytes/s of each.
+    decode_layers) run 300 bench/decode_layers.py --workdir "$GEN_DIR" --batch_sizes 1 \
+        --prompts 4 --repeats 2 ;;
     # Issue 2: ~100M entropy model train step at bf16 (MFU).
     entropy_100m) run 40 bench/train_throughput.py --model entropy_100m --iters 5 \
         --config.train.batch_size=16 --config.model.remat=true --config.model.scan_layers=true ;;
@@ -85,10 +93,10 @@ for step in $STEPS; do
         echo "!! hf_peer: no transformers wheels in .whl/hf (run bench/fetch_hf_wheels.sh)"
         STATUS=1; continue
       fi
-      PYTHONPATH=/tmp/site_hf${PYTHONPATH:+:$PYTHONPATH} run 70 bench/hf_peer.py all \
+      PYTHONPATH=/tmp/site_hf${PYTHONPATH:+:$PYTHONPATH} run 60 bench/hf_peer.py all \
         --workdir /tmp/bltjax_gpu_hf_peer --hf_python "$PY" --device cuda --batch_sizes 1 \
         --batch1_prompts 2 --methods ar ;;
-    *) echo "unknown step '$step' (steps: gen_train generation generation_all" \
+    *) echo "unknown step '$step' (steps: gen_train generation generation_all decode_layers" \
             "entropy_100m bltd8_400m sparse_ffn sparse_ffn_train hf_peer)"; exit 2 ;;
   esac
 done

@@ -368,16 +368,16 @@ class Model:
     lengths = np.array([len(r) for r in rows], np.int32)
     rng = jax.random.PRNGKey(seed)
 
-    key = (len(rows), width, config.structure())
+    engine = self.engine(width, config)
+    key = (len(rows), width, engine, config.structure())
     params = {"blt": self.params, "entropy": self.frozen}
     decode, compile_seconds = self._compiled(
-        key, lambda: generate_lib.decode_program(self.engine(width, config),
-                                                 config.structure()),
+        key, lambda: generate_lib.decode_program(engine, config.structure()),
         params, ids, lengths, rng, config.knobs())
     prefill_seconds = float("nan")
     if time_prefill:
       prefill, seconds = self._compiled(
-          ("prefill",) + key, lambda: generate_lib.prefill_program(self.engine(width, config)),
+          ("prefill",) + key, lambda: generate_lib.prefill_program(engine),
           params, ids, lengths)
       compile_seconds += seconds
       t0 = time.perf_counter()

@@ -239,6 +239,17 @@ def test_generate_command(model, entropy_dir, tmp_path, capsys, monkeypatch):
   assert len(lines) == 2 and all("NFE/byte entropy" in line and "bytes/s" in line
                                  for line in lines)
   assert "ar" in lines[1] and ("below ar" in lines[1] or "above ar" in lines[1])
+  # --scanned_layers reaches generate; this model has no scanned stack, so it decodes with
+  # the programs compiled above
+  options = []
+  generate = model.generate
+  monkeypatch.setattr(model, "generate", lambda *a, **k: options.append(k) or generate(*a, **k))
+  before = model.compiles
+  assert cli.main(["generate", "--workdir", entropy_dir, "--prompts", str(prompts),
+                   "--draft_len", "4", "--max_bytes", "20", "--repeats", "0",
+                   "--scanned_layers"]) == 0
+  assert options[-1]["unroll_layers"] is False and model.compiles == before
+  capsys.readouterr()
   assert cli.main(["generate", "--workdir", entropy_dir]) == 2
   assert "no prompts; pass --prompt TEXT" in capsys.readouterr().err
   assert cli.main(["generate", "--workdir", entropy_dir, "--prompt", "x",

@@ -241,8 +241,10 @@ def test_gpu_suite_dry_run_lists_every_benchmark_within_eight_minutes():
                 "hf_peer.py"):
     assert bench in commands
   assert sum(int(b) for b, _ in default) < 8 * 60
-  named_only = dry_run("generation_all", "bltd8_400m")   # too long for the 8 minutes
+  # too long for the 8 minutes
+  named_only = dry_run("generation_all", "bltd8_400m", "decode_layers")
   assert "bltd8_400m" in named_only[1][1] and "--quick" not in named_only[0][1]
+  assert "decode_layers.py" in named_only[2][1]
   steps = default + named_only
   for _, command in steps:   # every script it names exists
     target = command.split()[1] if command.startswith("-m ") else command.split()[0]

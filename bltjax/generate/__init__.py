@@ -53,13 +53,14 @@ class DecodeConfig:
                        f"{self.top_p}")
 
   def structure(self) -> "DecodeConfig":
-    """What shapes the compiled program: the config with its numeric knobs (alpha, gamma,
-    gate, temperature, top_p) replaced by placeholders, keeping only whether sampling,
-    top-p and the EB rule are on. Configs with equal structure share one compile."""
+    """What shapes the compiled program besides its engine: the config with its numeric
+    knobs (alpha, gamma, gate, temperature, top_p) replaced by placeholders, keeping only
+    whether sampling, top-p and the EB rule are on (`unroll_layers` lives in the engine).
+    Configs with equal structure and engine share one compile."""
     return dataclasses.replace(
         self, alpha=0.0, gate=0.0, gamma=None if self.gamma is None else 0.0,
         temperature=0.0 if self.temperature == 0 else 1.0,
-        top_p=1.0 if self.top_p >= 1.0 else 0.5)
+        top_p=1.0 if self.top_p >= 1.0 else 0.5, unroll_layers=True)
 
   def knobs(self) -> dict:
     """The numeric knobs, passed to the compiled program as traced scalars."""
