@@ -14,6 +14,7 @@ from bltjax import generate
 from bltjax import train
 from bltjax.model import attention
 from bltjax.model import blt
+from bltjax.model import entropy_model as entropy_lib
 from bltjax.model import layers
 from bltjax.model import patcher
 import conftest
@@ -126,6 +127,19 @@ def test_scanned_global_model_generates_the_same_bytes():
   assert engine == generate.make_engine(config, static, None, ids.shape[1], default)
   jax.tree.map(np.testing.assert_array_equal, engine.layout_params({"blt": stacked}),
                {"blt": params})
+  # ... and so does a scanned entropy model (entropy patching)
+  entropy_config = layers.TransformerConfig(d_model=32, n_layers=2, n_heads=2, window=8)
+  entropy_params = nn.meta.unbox(entropy_lib.EntropyModel(entropy_config).init(
+      jax.random.PRNGKey(1), tokens, tokens))["params"]
+  entropy_stacked = dict(entropy_params,
+                         transformer=layers.stack_layers(entropy_params["transformer"]))
+  engine = generate.make_engine(
+      scanned, patcher.PatcherConfig(), dataclasses.replace(entropy_config, scan_layers=True),
+      ids.shape[1], default)
+  assert not engine.entropy_config.scan_layers
+  jax.tree.map(np.testing.assert_array_equal,
+               engine.layout_params({"blt": stacked, "entropy": entropy_stacked}),
+               {"blt": params, "entropy": entropy_params})
   # unroll_layers=False keeps it scanned
   outputs = []
   for model_config, model_params in ((config, params), (scanned, stacked)):
