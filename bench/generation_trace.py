@@ -33,7 +33,9 @@ from bench import common  # noqa: E402
 from bench.generation_profile import PROMPT  # noqa: E402
 
 METHODS = (("AR", "ar", {}), ("BLT-S k=8", "blt_s", {"draft_len": 8}),
-           ("BLT-D-8 a=0.5", "blt_d", {"block_size": 8, "alpha": 0.5}))
+           ("BLT-D-8 a=0.5", "blt_d", {"block_size": 8, "alpha": 0.5}),
+           ("BLT-DV k=8", "blt_dv", {"draft_len": 8}),
+           ("BLT-H-8 gate=0.8", "blt_h", {"block_size": 8, "alpha": 0.7, "gate": 0.8}))
 # XLA op names (`dot.4155`, `wrapped_scatter`, `ynn_fusion`); the runtime's own events
 # (`ParseArguments`, `Wait for usage holds`, `PjitFunction(...)`, ...) do not match.
 _OP_NAME = re.compile(r"[a-z][a-z0-9_.\-]*")
@@ -78,11 +80,18 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=1, help="rows (copies of the prompt)")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--top", type=int, default=6, help="call counts listed per method")
+  parser.add_argument("--methods", default="ar,blt_s,blt_d",
+                      help=f"comma-separated, of {','.join(m for _, m, _ in METHODS)}")
   parser.add_argument("--results", default="", help="append the table to this file")
   args = parser.parse_args(argv)
+  wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+  unknown = sorted(set(wanted) - {m for _, m, _ in METHODS})
+  if unknown:
+    parser.error(f"unknown method {unknown[0]!r}; pick from "
+                 f"{', '.join(m for _, m, _ in METHODS)}")
   model = bltjax.load(args.workdir)
   rows = []
-  for name, method, options in METHODS:
+  for name, method, options in (m for m in METHODS if m[1] in wanted):
     run = lambda timed: model.generate([PROMPT] * args.batch, max_bytes=args.max_bytes,
                                        method=method, time_prefill=timed, **options)
     out = run(True)   # compiles
