@@ -144,6 +144,10 @@ def test_every_method_on_a_ragged_batch(model):
   assert outputs["blt_s"].texts == ar.texts and outputs["blt_dv"].texts == ar.texts
   assert outputs["blt_s"].stats["drafted"] > 0
   assert outputs["blt_h"].stats["diffusion_blocks"] > 0   # gate 0: every boundary diffuses
+  # A gate no block's confidence reaches: BLT-H is AR (gate is a knob: the same program).
+  never = model.generate(PROMPTS, max_bytes=20, method="blt_h", block_size=4, gate=1.5)
+  assert never.texts == ar.texts and never.stats["diffusion_blocks"] == 0
+  assert never.compile_seconds == 0.0
   # A second call with the same batch size, length bucket and options compiles nothing.
   compiles = []
   listener = lambda event, *args, **kwargs: compiles.append(event) if "compile" in event else None

@@ -10,6 +10,8 @@ take different paths in the same iteration: one `Engine.extend` commits them all
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -26,6 +28,13 @@ def block_confidence(logits):
   return jnp.mean(jnp.max(probs, axis=-1), axis=-1)
 
 
+def _at_most_once(run, go, carry):
+  """`run(carry)` if `go` (a scalar bool), else `carry`, as a while loop of zero or one
+  trips: a conditional whose branches return the caches copies them whole on every step
+  (one branch passes them through), a while loop updates its carry in place."""
+  return jax.lax.while_loop(lambda c: c[1], lambda c: (run(c[0]), False), (carry, go))[0]
+
+
 def generate(engine: Engine, params, state: GenState, logits, *, max_bytes: int,
              sampling: sampling_lib.SamplingConfig, rng, block_size: int,
              rule: diffusion_dec.UnmaskRule, gate: float):
@@ -35,16 +44,17 @@ def generate(engine: Engine, params, state: GenState, logits, *, max_bytes: int,
   batch = logits.shape[0]
   masks = jnp.full((batch, block_size), blt_bytes.MASK_ID, jnp.int32)
 
+  # The branches return the NFE counts, not the state (see `_at_most_once`).
   def try_diffusion(state, boundary):
     state, first = engine.block_step(params, state, masks)
     use = boundary & (block_confidence(first) >= gate)
     state, block, steps = diffusion_dec.denoise_block(
         engine, params, state, rule, rng, sampling, block_size, active=use,
         first_logits=first)
-    return state, block, use, steps
+    return state.nfe, block, use, steps
 
   def no_diffusion(state, boundary):
-    return state, masks, jnp.zeros_like(boundary), jnp.zeros((), jnp.int32)
+    return state.nfe, masks, jnp.zeros_like(boundary), jnp.zeros((), jnp.int32)
 
   def cond(carry):
     return ~jnp.all(carry[4])
@@ -52,25 +62,28 @@ def generate(engine: Engine, params, state: GenState, logits, *, max_bytes: int,
   def body(carry):
     state, logits, out, count, done, stats = carry
     boundary = engine.at_boundary(state) & ~done
-    state, block, use, steps = jax.lax.cond(jnp.any(boundary), try_diffusion, no_diffusion,
-                                            state, boundary)
+    nfe, block, use, steps = jax.lax.cond(jnp.any(boundary), try_diffusion, no_diffusion,
+                                          state, boundary)
+    state = dataclasses.replace(state, nfe=nfe)
     ar_token = sampling_lib.choose(logits, state.length, rng, sampling)
     tokens = jnp.where(use[:, None], block, masks.at[:, 0].set(ar_token))
     out, count, done_after, n_emit = emit(out, count, done, tokens, max_bytes,
                                           n_valid=jnp.where(use, block_size, 1))
     n_commit = jnp.where(done_after, 0, n_emit)
 
-    def commit_blocks(state):   # some rows diffused: a block-wide commit
-      state, logits, _ = diffusion_dec.commit_block(engine, params, state, tokens, n_commit,
-                                                    "forced", force=use)
+    def commit_blocks(carry):   # some rows diffused: a block-wide commit
+      state, block_logits, _ = diffusion_dec.commit_block(
+          engine, params, carry[0], tokens, n_commit, "forced", force=use)
       last = jnp.clip(n_commit - 1, 0, block_size - 1)
-      return state, jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+      return state, jnp.take_along_axis(block_logits, last[:, None, None], axis=1)[:, 0]
 
-    def commit_bytes(state):    # every row took an AR byte: a one-byte extend
-      state, logits = engine.extend(params, state, tokens[:, :1], n_commit)
-      return state, logits[:, 0]
+    def commit_bytes(carry):    # every row took an AR byte: a one-byte extend
+      state, byte_logits = engine.extend(params, carry[0], tokens[:, :1], n_commit)
+      return state, byte_logits[:, 0]
 
-    state, logits = jax.lax.cond(jnp.any(use), commit_blocks, commit_bytes, state)
+    some_diffused = jnp.any(use)
+    state, logits = _at_most_once(commit_blocks, some_diffused, (state, logits))
+    state, logits = _at_most_once(commit_bytes, ~some_diffused, (state, logits))
     stats = {"diffusion_blocks": stats["diffusion_blocks"] + jnp.sum(use),
              "ar_bytes": stats["ar_bytes"] + jnp.sum(~use & ~done),
              "steps": stats["steps"] + steps}
