@@ -80,6 +80,8 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=1, help="rows (copies of the prompt)")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--top", type=int, default=6, help="call counts listed per method")
+  parser.add_argument("--top_ops", type=int, default=0,
+                      help="also print the N costliest XLA ops per method (name, runs, ms)")
   parser.add_argument("--methods", default="ar,blt_s,blt_d",
                       help=f"comma-separated, of {','.join(m for _, m, _ in METHODS)}")
   parser.add_argument("--results", default="", help="append the table to this file")
@@ -99,7 +101,10 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as trace_dir:
       with jax.profiler.trace(trace_dir):
         run(False)    # the decode alone (prefill included, not run apart)
-      by_count = seconds_by_count(op_times(trace_dir))
+      times = op_times(trace_dir)
+      by_count = seconds_by_count(times)
+    for op, (runs, seconds) in sorted(times.items(), key=lambda kv: -kv[1][1])[:args.top_ops]:
+      print(f"{name}: op {op} ran {runs} times, {seconds * 1e3:.1f} ms", flush=True)
     ops_total = sum(by_count.values())
     n_bytes = best.num_bytes / args.batch   # per row: the loop's steps serve every row
     rows.append([name, f"{best.decode_seconds / n_bytes * 1e3:.2f}",
