@@ -87,9 +87,9 @@ def make_engine(blt_config, patcher_config, entropy_config, prompt_len: int,
 
   With `config.unroll_layers`, stacks trained with `scan_layers` (the global and entropy
   models) run unrolled (`decode` unstacks their params once per request): a scanned
-  step reads each layer's weights and KV cache through a slice of the stacked arrays,
-  which XLA:CPU copies on every call (decoding ran 1.3-1.6x slower scanned on CPU,
-  bench/RESULTS.md); unrolled, the program takes longer to compile."""
+  step copies each layer's weights out of the stacked arrays on every call (decoding
+  ran 1.25-1.49x slower scanned on CPU, bench/RESULTS.md); unrolled, the program takes
+  longer to compile (6-29% on CPU)."""
   if config.unroll_layers:
     unrolled = lambda c: dataclasses.replace(c, scan_layers=False)
     blt_config = dataclasses.replace(blt_config, global_model=unrolled(blt_config.global_model))
