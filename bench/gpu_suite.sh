@@ -59,7 +59,7 @@ for step in $STEPS; do
         --config.model.scan_layers=true --config.train.time_budget_s=20 \
         --config.train.eval_batches=1 ;;
     # Decoding unrolls the scanned global stack (DecodeConfig.unroll_layers): on CPU that
-    # compiled 1.2-1.3x longer than scanned; 103 s of compilation here when scanned.
+    # compiled 1.06-1.29x longer than scanned; 103 s of compilation here when scanned.
     generation) run 175 bench/generation.py --workdir "$GEN_DIR" --quick --prompts 4 \
         --batch_sizes 1 --rounds 2 ;;
     # Issue 6, only when named (after gen_train, ~6 min): every setting of the table at
