@@ -112,15 +112,13 @@ class Engine:
     """`params` (`{"blt": ..., "entropy": ...}`) with each stack this engine runs unrolled
     in the unrolled layout (`layers.unstack_layers`: params trained with `scan_layers`
     are stacked `[n_layers, ...]`)."""
+    unrolled = lambda model: dict(model, transformer=layers.unstack_layers(model["transformer"]))
     blt = params["blt"]
     if not self.config.global_model.scan_layers:
-      stack = blt["global_model"]
-      blt = dict(blt, global_model=dict(
-          stack, transformer=layers.unstack_layers(stack["transformer"])))
+      blt = dict(blt, global_model=unrolled(blt["global_model"]))
     params = dict(params, blt=blt)
     if self.entropy_config is not None and not self.entropy_config.scan_layers:
-      params["entropy"] = dict(params["entropy"], transformer=layers.unstack_layers(
-          params["entropy"]["transformer"]))
+      params["entropy"] = unrolled(params["entropy"])
     return params
 
   def _stack_cache(self, cfg: layers.TransformerConfig, batch: int, size: int) -> KVCache:
