@@ -108,16 +108,15 @@ def matmul(x, kernel, row_matmul_max: int = 0):
   """`x [..., in] @ kernel [in, out]`.
 
   When x has 2..`row_matmul_max` rows (the product of its leading dims), one
-  matrix-vector product per row in a loop (`lax.map`: one dot in the program, not one
-  per row, which compiled much longer): XLA:CPU multiplies a few rows as one matrix
-  product 1.5-4x slower than row by row (2-8 rows of a [512, 2048] or [128, 512]
-  kernel, bench/cpu_gemm.py), which is what the decode steps of several positions
-  (BLT-S verification, BLT-D blocks, batched rows) multiply."""
+  matrix-vector product per row, concatenated: XLA:CPU multiplies a few rows as one
+  matrix product 1.7-3.7x slower than row by row (2-8 rows of a [512, 2048] or
+  [128, 512] kernel, bench/cpu_gemm.py), which is what the decode steps of several
+  positions (BLT-S verification, BLT-D blocks, batched rows) multiply."""
   rows = math.prod(x.shape[:-1])
   if not 1 < rows <= row_matmul_max:
     return jnp.dot(x, kernel)
-  flat = x.reshape(rows, 1, x.shape[-1])
-  out = jax.lax.map(lambda row: jnp.dot(row, kernel), flat)
+  flat = x.reshape(rows, x.shape[-1])
+  out = jnp.concatenate([jnp.dot(flat[i:i + 1], kernel) for i in range(rows)])
   return out.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
