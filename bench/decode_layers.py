@@ -1,6 +1,6 @@
-"""Two layouts of one model's decode program: compile seconds and bytes/s of each.
+"""Scanned vs unrolled decoding of one model: compile seconds and bytes/s of each.
 
-`--compare stacks` (default): scanned vs unrolled transformer stacks. A model trained with `model.scan_layers` decodes with its global (and entropy) stacks
+A model trained with `model.scan_layers` decodes with its global (and entropy) stacks
 unrolled by default (`DecodeConfig.unroll_layers`; `unroll_layers=False` keeps them
 scanned). This times both on the same weights: per method and batch, the seconds the
 first generate call spent compiling (its decode and prefill programs) and the bytes/s of
@@ -9,12 +9,7 @@ alternated, and whether both generated the same bytes. A model trained unrolled 
 global stack stacked in memory (`layers.stack_layers`), so any BLT workdir serves; its
 entropy model stays as trained.
 
-`--compare row_matmul`: steps of a few rows multiplied as one matrix product
-(`row_matmul_max=0`, the default off CPU) vs row by row (`generate.CPU_ROW_MATMUL_MAX`,
-the CPU default; `layers.matmul`), on the model as trained.
-
   python bench/decode_layers.py --workdir runs/bench/bltd8
-  python bench/decode_layers.py --workdir runs/bench/bltd8 --compare row_matmul
 """
 
 from __future__ import annotations
@@ -30,19 +25,11 @@ import bltjax  # noqa: E402
 from bench import common  # noqa: E402
 from bltjax import api  # noqa: E402
 from bltjax import continuation  # noqa: E402
-from bltjax import generate  # noqa: E402
 from bltjax.model import layers  # noqa: E402
 
 METHODS = (("AR", "ar", {}), ("BLT-S k=8", "blt_s", {"draft_len": 8}),
            ("BLT-D-8 a=0.5", "blt_d", {"block_size": 8, "alpha": 0.5}))
-# --compare -> (title, ((layout name, generate options), (name, options)))
-COMPARISONS = {
-    "stacks": ("Decoding a scanned global stack: scanned vs unrolled",
-               (("scanned", {"unroll_layers": False}), ("unrolled", {"unroll_layers": True}))),
-    "row_matmul": ("Decoding steps of a few rows: one matrix product vs row by row",
-                   (("one product", {"row_matmul_max": 0}),
-                    ("row by row", {"row_matmul_max": generate.CPU_ROW_MATMUL_MAX}))),
-}
+LAYOUTS = (("scanned", False), ("unrolled", True))
 
 
 def scanned_model(model: api.Model) -> api.Model:
@@ -62,7 +49,6 @@ def scanned_model(model: api.Model) -> api.Model:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="a trained BLT workdir")
-  parser.add_argument("--compare", choices=sorted(COMPARISONS), default="stacks")
   parser.add_argument("--batch_sizes", type=common.batch_sizes, default="1,8")
   parser.add_argument("--prompts", type=int, default=8, help="held-out prompts of 64 bytes")
   parser.add_argument("--max_bytes", type=int, default=128, help="bytes generated per prompt")
@@ -70,10 +56,8 @@ def main(argv=None):
   parser.add_argument("--no_append", action="store_true")
   args = parser.parse_args(argv)
 
-  title, layouts = COMPARISONS[args.compare]
-  (first_name, _), (second_name, _) = layouts
   loaded = bltjax.load(args.workdir)
-  model = scanned_model(loaded) if args.compare == "stacks" else loaded
+  model = scanned_model(loaded)
   items = continuation.make_continuations(loaded.config.data, count=args.prompts,
                                           prompt_bytes=64,
                                           continuation_bytes=args.max_bytes, seed=0)
@@ -81,33 +65,31 @@ def main(argv=None):
   for batch in args.batch_sizes:
     for name, method, options in METHODS:
       compile_s, speed, outputs = {}, {}, {}
-      for layout, layout_options in layouts:
+      for layout, unroll in LAYOUTS:
         first = model.generate(items.prompts[:batch], max_bytes=args.max_bytes,
-                               method=method, time_prefill=True, **layout_options, **options)
+                               method=method, time_prefill=True, unroll_layers=unroll,
+                               **options)
         compile_s[layout] = first.compile_seconds
       for _ in range(args.repeats):
-        for layout, layout_options in layouts:
+        for layout, unroll in LAYOUTS:
           result = continuation.run(model, items, method=method, batch_size=batch,
-                                    warmup=False, **layout_options, **options)
+                                    warmup=False, unroll_layers=unroll, **options)
           speed[layout] = max(speed.get(layout, 0.0), result.generation_bytes_per_s)
           outputs[layout] = result.outputs
-      row = [name, str(batch), *(f"{compile_s[l]:.1f}" for l, _ in layouts),
-             *(f"{speed[l]:.1f}" for l, _ in layouts),
-             f"{speed[second_name] / speed[first_name]:.2f}x",
-             "yes" if outputs[first_name] == outputs[second_name] else "no"]
+      row = [name, str(batch), *(f"{compile_s[l]:.1f}" for l, _ in LAYOUTS),
+             *(f"{speed[l]:.1f}" for l, _ in LAYOUTS),
+             f"{speed['unrolled'] / speed['scanned']:.2f}x",
+             "yes" if outputs["scanned"] == outputs["unrolled"] else "no"]
       print(" | ".join(row), flush=True)
       rows.append(row)
   table = common.markdown_table(
-      ["method", "batch", *(f"compile s, {l}" for l, _ in layouts),
-       *(f"bytes/s, {l}" for l, _ in layouts), f"{second_name} / {first_name}",
-       "same bytes"], rows)
+      ["method", "batch", "compile s, scanned", "compile s, unrolled", "bytes/s, scanned",
+       "bytes/s, unrolled", "unrolled / scanned", "same bytes"], rows)
   print(table)
   if not args.no_append:
-    trained = "scanned" if loaded.config.model.scan_layers else "unrolled"
-    if args.compare == "stacks" and not loaded.config.model.scan_layers:
-      trained += ", stacked in memory"
+    trained = "scanned" if loaded.config.model.scan_layers else "unrolled, stacked in memory"
     common.append(
-        title, table, argv=argv,
+        "Decoding a scanned global stack: scanned vs unrolled", table, argv=argv,
         note=(f"Model: `{args.workdir}` (step {loaded.step}; global stack trained {trained}). "
               f"{args.prompts} held-out prompts of 64 bytes, {args.max_bytes} bytes generated "
               "each, greedy. compile: seconds the first generate call compiled (decode and "

@@ -140,11 +140,10 @@ METHOD_OPTIONS = {
     "blt_d": ("block_size", "alpha", "gamma", "block_commit"),
     "blt_h": ("block_size", "alpha", "gamma", "gate"),
 }
-SHARED_OPTIONS = ("temperature", "top_p", "prefill_chunk", "unroll_layers", "row_matmul_max")
+SHARED_OPTIONS = ("temperature", "top_p", "prefill_chunk", "unroll_layers")
 ABBREVIATIONS = {"block_size": "B", "alpha": "a", "gamma": "g", "draft_len": "k",
                  "block_commit": "", "gate": "gate", "temperature": "T", "top_p": "p",
-                 "prefill_chunk": "chunk", "unroll_layers": "unroll",
-                 "row_matmul_max": "rows", "seed": "seed"}
+                 "prefill_chunk": "chunk", "unroll_layers": "unroll", "seed": "seed"}
 
 
 def options_for(method: str, options: dict) -> dict:

@@ -98,26 +98,6 @@ def test_extensions_closing_two_patches_equal_full_recomputation(params):
   speculated, _ = _decode(params, patcher_config, prompts=prompts, max_bytes=24,
                           prefill_chunk=8, method="blt_s", draft_len=8)
   assert speculated == reference
-  # On CPU the steps of up to 8 rows multiply row by row by default; one matrix product
-  # per step (row_matmul_max=0, the default elsewhere) gives the same bytes.
-  one_product, _ = _decode(params, patcher_config, prompts=prompts, max_bytes=24,
-                           prefill_chunk=8, method="blt_s", draft_len=8, row_matmul_max=0)
-  assert one_product == reference
-
-
-def test_engine_multiplies_few_rows_row_by_row_on_cpu_only_when_asked():
-  def stacks(**options):
-    engine = generate.make_engine(CONFIG, PATCHERS["entropy_global"], ENTROPY, 8,
-                                  generate.DecodeConfig(**options))
-    configs = (engine.config.encoder, engine.config.global_model,
-               engine.config.decoder, engine.entropy_config)
-    return {c.row_matmul_max for c in configs}
-  assert jax.default_backend() == "cpu"
-  assert stacks() == {generate.CPU_ROW_MATMUL_MAX}
-  assert stacks(row_matmul_max=0) == {0} and stacks(row_matmul_max=3) == {3}
-  assert generate.DecodeConfig(row_matmul_max=3).structure() == generate.DecodeConfig().structure()
-  with pytest.raises(ValueError, match="row_matmul_max must be >= 0"):
-    generate.DecodeConfig(row_matmul_max=-1)
 
 
 @pytest.mark.parametrize("draft_len", [pytest.param(4, marks=pytest.mark.slow), 8,

@@ -39,18 +39,6 @@ def test_rope_scores_depend_only_on_relative_position():
   np.testing.assert_allclose(score(7, 3), score(104, 100), rtol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 24), (2, 3, 24), (1, 8, 24), (1, 9, 24)])
-def test_matmul_runs_a_few_rows_row_by_row_with_the_same_result(shape):
-  x = jax.random.normal(jax.random.PRNGKey(0), shape)
-  kernel = jax.random.normal(jax.random.PRNGKey(1), (24, 40))
-  out = layers.matmul(x, kernel, row_matmul_max=8)
-  np.testing.assert_allclose(out, x @ kernel, rtol=1e-5, atol=1e-5)
-  rows = shape[0] * shape[1]
-  dots = lambda fn: str(jax.make_jaxpr(fn)(x)).count("dot_general")
-  assert dots(lambda a: layers.matmul(a, kernel, 8)) == (rows if 1 < rows <= 8 else 1)
-  assert dots(lambda a: layers.matmul(a, kernel)) == 1
-
-
 def test_rmsnorm_normalizes_in_float32():
   x = jnp.array([[3.0, 4.0]], jnp.bfloat16)
   out = layers.RMSNorm(eps=0.0, dtype=jnp.float32).apply(

@@ -22,10 +22,6 @@ from bltjax.generate.engine import COMPONENTS, EMBEDDED, Engine
 from bltjax.generate.sampling import SamplingConfig
 
 METHODS = ("ar", "blt_d", "blt_s", "blt_dv", "blt_h")
-# Row-by-row matrix-vector products beat XLA:CPU's matrix product at 2-16 rows
-# (bench/cpu_gemm.py); 8 covers 8-byte drafts and blocks and batch-8 steps while the
-# program keeps few dots (32-byte prefill chunks stay one product).
-CPU_ROW_MATMUL_MAX = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +39,6 @@ class DecodeConfig:
   prefill_chunk: int = 32        # prompt bytes per prefill step
   unroll_layers: bool = True     # stacks trained with model.scan_layers decode unrolled:
                                  # faster steps, longer compile (see make_engine)
-  row_matmul_max: int | None = None  # steps of up to this many rows multiply row by row
-                                     # (layers.matmul); None: 8 on CPU, 0 elsewhere
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -52,9 +46,6 @@ class DecodeConfig:
     if self.block_commit not in diffusion.BLOCK_COMMITS:
       raise ValueError(f"block_commit {self.block_commit!r} is not one of "
                        f"{diffusion.BLOCK_COMMITS}")
-    if self.row_matmul_max is not None and self.row_matmul_max < 0:
-      raise ValueError(f"row_matmul_max must be >= 0 (0: never row by row) or None (by "
-                       f"platform), got {self.row_matmul_max}")
     if self.max_bytes < 1 or self.block_size < 1 or self.draft_len < 2:
       raise ValueError(f"need max_bytes >= 1, block_size >= 1, draft_len >= 2: {self}")
     if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -64,13 +55,12 @@ class DecodeConfig:
   def structure(self) -> "DecodeConfig":
     """What shapes the compiled program besides its engine: the config with its numeric
     knobs (alpha, gamma, gate, temperature, top_p) replaced by placeholders, keeping only
-    whether sampling, top-p and the EB rule are on (`unroll_layers` and `row_matmul_max`
-    live in the engine).
+    whether sampling, top-p and the EB rule are on (`unroll_layers` lives in the engine).
     Configs with equal structure and engine share one compile."""
     return dataclasses.replace(
         self, alpha=0.0, gate=0.0, gamma=None if self.gamma is None else 0.0,
         temperature=0.0 if self.temperature == 0 else 1.0,
-        top_p=1.0 if self.top_p >= 1.0 else 0.5, unroll_layers=True, row_matmul_max=None)
+        top_p=1.0 if self.top_p >= 1.0 else 0.5, unroll_layers=True)
 
   def knobs(self) -> dict:
     """The numeric knobs, passed to the compiled program as traced scalars."""
@@ -99,24 +89,11 @@ def make_engine(blt_config, patcher_config, entropy_config, prompt_len: int,
   models) run unrolled (`decode` unstacks their params once per request): a scanned
   step copies each layer's weights out of the stacked arrays on every call (decoding
   ran 1.25-1.49x slower scanned on CPU, bench/RESULTS.md); unrolled, the program takes
-  longer to compile (6-29% on CPU).
-
-  `config.row_matmul_max` (None: 8 on CPU, 0 on other platforms) makes the transformer
-  stacks multiply steps of a few rows row by row (`layers.matmul`: XLA:CPU's few-row
-  matrix product is slow; on accelerators one matrix product is right)."""
+  longer to compile (6-29% on CPU)."""
   if config.unroll_layers:
     unrolled = lambda c: dataclasses.replace(c, scan_layers=False)
     blt_config = dataclasses.replace(blt_config, global_model=unrolled(blt_config.global_model))
     entropy_config = entropy_config and unrolled(entropy_config)
-  row_matmul_max = config.row_matmul_max
-  if row_matmul_max is None:
-    row_matmul_max = CPU_ROW_MATMUL_MAX if jax.default_backend() == "cpu" else 0
-  if row_matmul_max:
-    rowwise = lambda c: dataclasses.replace(c, row_matmul_max=row_matmul_max)
-    blt_config = dataclasses.replace(
-        blt_config, encoder=rowwise(blt_config.encoder),
-        global_model=rowwise(blt_config.global_model), decoder=rowwise(blt_config.decoder))
-    entropy_config = entropy_config and rowwise(entropy_config)
   return Engine(blt_config, patcher_config, entropy_config,
                 max_len=prompt_len + config.max_bytes + config.max_extend + 1,
                 max_extend=config.max_extend)
@@ -181,6 +158,5 @@ def jitted_decode(engine: Engine, config: DecodeConfig):
   return lambda params, ids, lengths, rng: program(params, ids, lengths, rng, knobs)
 
 
-__all__ = ["COMPONENTS", "CPU_ROW_MATMUL_MAX", "EMBEDDED", "DecodeConfig", "DecodeResult",
-           "Engine", "METHODS", "decode", "decode_program", "jitted_decode", "make_engine",
-           "prefill_program"]
+__all__ = ["COMPONENTS", "EMBEDDED", "DecodeConfig", "DecodeResult", "Engine", "METHODS",
+           "decode", "decode_program", "jitted_decode", "make_engine", "prefill_program"]

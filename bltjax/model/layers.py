@@ -9,7 +9,6 @@ FFN width `256 * ceil(int(8d/3) / 256)`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -49,8 +48,6 @@ class TransformerConfig:
   remat: bool = False
   scan_layers: bool = False    # one scanned block (params stacked [layers, ...]): compile
                                # time independent of depth; for stacks run whole
-  row_matmul_max: int = 0      # matmuls of 2..this many rows run row by row (see `matmul`);
-                               # generation sets it on CPU, training leaves it 0
 
   def __post_init__(self):
     if self.d_model % self.n_heads:
@@ -104,34 +101,17 @@ class Kernel(nn.Module):
     return _kernel_param(self, self.shape, self.axes, self.init_std)
 
 
-def matmul(x, kernel, row_matmul_max: int = 0):
-  """`x [..., in] @ kernel [in, out]`.
-
-  When x has 2..`row_matmul_max` rows (the product of its leading dims), one
-  matrix-vector product per row, concatenated: XLA:CPU multiplies a few rows as one
-  matrix product 1.7-3.7x slower than row by row (2-8 rows of a [512, 2048] or
-  [128, 512] kernel, bench/cpu_gemm.py), which is what the decode steps of several
-  positions (BLT-S verification, BLT-D blocks, batched rows) multiply."""
-  rows = math.prod(x.shape[:-1])
-  if not 1 < rows <= row_matmul_max:
-    return jnp.dot(x, kernel)
-  flat = x.reshape(rows, x.shape[-1])
-  out = jnp.concatenate([jnp.dot(flat[i:i + 1], kernel) for i in range(rows)])
-  return out.reshape(*x.shape[:-1], kernel.shape[-1])
-
-
 class Dense(nn.Module):
   """Bias-free linear layer `[..., in] -> [..., features]`."""
   features: int
   kernel_axes: tuple[str | None, str | None]
   dtype: Any = jnp.float32
   init_std: float | None = None  # default: in_features ** -0.5
-  row_matmul_max: int = 0        # see `matmul`
 
   @nn.compact
   def __call__(self, x):
     kernel = _kernel_param(self, (x.shape[-1], self.features), self.kernel_axes, self.init_std)
-    return matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.row_matmul_max)
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 class Embed(nn.Module):
@@ -195,16 +175,15 @@ class SelfAttention(nn.Module):
     cfg = self.config
     b, t, _ = x.shape
     dtype = cfg.compute_dtype
-    dense = functools.partial(Dense, dtype=dtype, row_matmul_max=cfg.row_matmul_max)
-    q = dense(cfg.n_heads * cfg.head_dim, ("embed", "heads"), name="q")(x)
-    k = dense(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), name="k")(x)
-    v = dense(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), name="v")(x)
+    q = Dense(cfg.n_heads * cfg.head_dim, ("embed", "heads"), dtype, name="q")(x)
+    k = Dense(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), dtype, name="k")(x)
+    v = Dense(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), dtype, name="v")(x)
     q = apply_rope(q.reshape(b, t, cfg.n_heads, cfg.head_dim), positions, cfg.rope_theta)
     k = apply_rope(k.reshape(b, t, cfg.kv_heads, cfg.head_dim), positions, cfg.rope_theta)
     v = v.reshape(b, t, cfg.kv_heads, cfg.head_dim)
     attention, kv = attention_lib.with_new_keys(attention, k, v)
     out = attention(q, k, v).reshape(b, t, cfg.n_heads * cfg.head_dim)
-    return dense(cfg.d_model, ("heads", "embed"), name="o")(out), kv
+    return Dense(cfg.d_model, ("heads", "embed"), dtype, name="o")(out), kv
 
 
 class FeedForward(nn.Module):
@@ -225,10 +204,9 @@ class FeedForward(nn.Module):
     cfg = self.config
     dtype = cfg.compute_dtype
     if cfg.activation == "swiglu":
-      dense = functools.partial(Dense, dtype=dtype, row_matmul_max=cfg.row_matmul_max)
-      gate = dense(cfg.hidden_dim, ("embed", "mlp"), name="gate")(x)
-      up = dense(cfg.hidden_dim, ("embed", "mlp"), name="up")(x)
-      return dense(cfg.d_model, ("mlp", "embed"), name="down")(nn.silu(gate) * up)
+      gate = Dense(cfg.hidden_dim, ("embed", "mlp"), dtype, name="gate")(x)
+      up = Dense(cfg.hidden_dim, ("embed", "mlp"), dtype, name="up")(x)
+      return Dense(cfg.d_model, ("mlp", "embed"), dtype, name="down")(nn.silu(gate) * up)
     w_up = Kernel((x.shape[-1], cfg.hidden_dim), ("embed", "mlp"), name="up")().astype(dtype)
     w_down = Kernel((cfg.hidden_dim, cfg.d_model), ("mlp", "embed"), name="down")().astype(dtype)
     x = x.astype(dtype)
@@ -242,11 +220,11 @@ class FeedForward(nn.Module):
       self._record(l1, 1.0 - nonzeros / cfg.hidden_dim)
       self.sow("intermediates", "ffn_occupancy", occupancy)
       return out
-    hidden = nn.relu(matmul(x, w_up, cfg.row_matmul_max))
+    hidden = nn.relu(jnp.dot(x, w_up))
     hidden32 = hidden.astype(jnp.float32)
     self._record(jnp.sum(jnp.abs(hidden32), axis=-1),
                  jnp.mean((hidden32 == 0).astype(jnp.float32), axis=-1))
-    return matmul(hidden, w_down, cfg.row_matmul_max)
+    return jnp.dot(hidden, w_down)
 
   def _record(self, l1, zero_frac):
     """Per-position L1 `[..., len]` (float32) and fraction of zero hidden units."""
