@@ -4,7 +4,8 @@ A decode step multiplies `[rows, d]` activations by every weight matrix once; wi
 rows it should cost the weights' bytes (memory bandwidth) whatever the row count. This
 times a chain of 24 `[rows, 512] @ [512, 2048]` float32 matmuls (100 MB of weights,
 more than the caches) at rows 1, 2, 8 and 16, with the weights stored `[in, out]` (how
-bltjax stores kernels) and `[out, in]`, and reports weight GB/s. On the 2-core CPU VM
+bltjax stores kernels) and `[out, in]`, and reports weight GB/s beside the memory read
+bandwidth (`jnp.sum` of 400 MB). On the 2-core CPU VM
 8 rows take ~3x the time of 1 row (bench/RESULTS.md): the global model over 8 rows x 1
 patch costs ~3-4x one row, which is the batch-8 AR gap of bench/generation.py, not the
 KV cache (a head-major cache and reading only the used cache prefix were tried in
@@ -56,6 +57,10 @@ def main(argv=None):
   in_out = [jax.random.normal(k, (D, F)) for k in keys]
   out_in = [w.T.copy() for w in in_out]
   weight_bytes = LAYERS * D * F * 4
+  big = jnp.ones((100_000_000,), jnp.float32)
+  read_gb_s = big.nbytes / fastest(jax.jit(jnp.sum), big, repeats=args.repeats) / 1e9
+  del big
+  print(f"memory read bandwidth (jnp.sum of 400 MB): {read_gb_s:.1f} GB/s", flush=True)
   rows = []
   for m in (1, 2, 8, 16):
     x = jax.random.normal(jax.random.PRNGKey(1), (m, D))
@@ -73,7 +78,8 @@ def main(argv=None):
     common.append("XLA matmul of a few rows: time and weight bandwidth", table, argv=argv,
                   note=f"{LAYERS} chained [rows, {D}] x [{D}, {F}] float32 matmuls "
                        f"({weight_bytes / 1e6:.0f} MB of weights), fastest of "
-                       f"{args.repeats}.")
+                       f"{args.repeats}. Memory read bandwidth for comparison (jnp.sum of "
+                       f"400 MB float32): {read_gb_s:.1f} GB/s.")
 
 
 if __name__ == "__main__":
