@@ -10,7 +10,7 @@ bandwidth (`jnp.sum` of 400 MB). On the 2-core CPU VM
 patch costs ~3-4x one row, which is the batch-8 AR gap of bench/generation.py, not the
 KV cache (a head-major cache and reading only the used cache prefix were tried in
 scratch A/B runs, not recorded, and changed nothing beyond the machine's drift).
-Nor is it worth multiplying such steps row by row: 1.5-4x faster per matmul of 2-8
+Nor is it worth multiplying such steps row by row: 1.1-4.2x faster per matmul of 2-8
 rows, it left decoding within the drift and compiled 10-57% longer (tried at 9a7e971
 and d07bd17, reverted; bench/RESULTS.md, 2026-11-28).
 
