@@ -12,9 +12,23 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "bench", "RESULTS.md")
+
+
+def fastest(fn, *args, repeats: int) -> float:
+  """Seconds of the fastest of `repeats` calls `fn(*args)` (jax results awaited), after one
+  untimed call (compile and warm-up)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - start)
+  return best
 
 
 def git_commit() -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -41,16 +40,6 @@ def chain(x, kernels, *, out_in: bool):
   return x
 
 
-def fastest(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return min(times)
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--repeats", type=int, default=20)
@@ -61,7 +50,7 @@ def main(argv=None):
   out_in = [w.T.copy() for w in in_out]
   weight_bytes = LAYERS * D * F * 4
   big = jnp.ones((100_000_000,), jnp.float32)
-  read_gb_s = big.nbytes / fastest(jax.jit(jnp.sum), big, repeats=args.repeats) / 1e9
+  read_gb_s = big.nbytes / common.fastest(jax.jit(jnp.sum), big, repeats=args.repeats) / 1e9
   del big
   print(f"memory read bandwidth (jnp.sum of 400 MB): {read_gb_s:.1f} GB/s", flush=True)
   rows = []
@@ -70,7 +59,7 @@ def main(argv=None):
     cells = [str(m)]
     for layout, kernels in (("in_out", in_out), ("out_in", out_in)):
       fn = jax.jit(lambda x, ks, layout=layout: chain(x, ks, out_in=layout == "out_in"))
-      seconds = fastest(fn, x, kernels, repeats=args.repeats)
+      seconds = common.fastest(fn, x, kernels, repeats=args.repeats)
       cells.append(f"{1e3 * seconds:.2f} ms ({weight_bytes / seconds / 1e9:.1f} GB/s)")
     print(" | ".join(cells), flush=True)
     rows.append(cells)

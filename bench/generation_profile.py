@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -96,13 +95,7 @@ def main(argv=None):
     state, _ = jax.jit(engine.prefill)(params, state, ids, np.full((batch,), len(prompt),
                                                                    np.int32))
     for name, fn in pieces(engine, batch).items():
-      fn = jax.jit(fn)
-      jax.block_until_ready(fn(params, state))
-      best = float("inf")
-      for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(params, state))
-        best = min(best, time.perf_counter() - t0)
+      best = common.fastest(jax.jit(fn), params, state, repeats=args.repeats)
       times.setdefault(name, {})[batch] = best * 1e3
       print(f"{name:48s} batch {batch}: {best * 1e3:8.2f} ms", flush=True)
   lines = ["| piece | " + " | ".join(f"ms, batch {b}" for b in batches) + " |",
