@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices (set before jax starts), float32 matmuls."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -10,8 +11,13 @@ if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_seconds=900"
                             " --xla_cpu_collective_timeout_seconds=900"
                             " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
+# Compiling is most of the suite's time (hundreds of small programs, each run briefly):
+# LLVM's -O0 codegen compiles them faster, and one disk cache for the xdist workers of a
+# run (named by its test-run id, removed when the run ends) compiles a program that
+# several tests or both workers need once.
+os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# In-process `cli.main` calls leave JAX's disk cache off (tests of it set their own).
+# In-process `cli.main` calls keep the suite's disk cache (tests of theirs set their own).
 os.environ["BLTJAX_COMPILE_CACHE"] = "off"
 
 import jax  # noqa: E402
@@ -19,11 +25,35 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def _xla_cache(run_id) -> str:
+  return os.path.join(tempfile.gettempdir(), f"bltjax-tests-xla-{run_id}")
+
+
+jax.config.update("jax_compilation_cache_dir",
+                  _xla_cache(os.environ.get("PYTEST_XDIST_TESTRUNUID", os.getpid())))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 import os  # noqa: E402
 import shutil  # noqa: E402
 import sysconfig  # noqa: E402
+import uuid  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+  """The xdist controller picks the run id its workers name the cache by (it knows it)."""
+  if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
+    config.option.testrunuid = config.option.testrunuid or uuid.uuid4().hex
+
+
+def pytest_unconfigure(config):
+  if not hasattr(config, "workerinput"):   # the controller, or a run without xdist
+    xdist = getattr(config.option, "numprocesses", None)
+    shutil.rmtree(_xla_cache(config.option.testrunuid if xdist else os.getpid()),
+                  ignore_errors=True)
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small, real, fixed text for training tests: a few standard-library modules.
