@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices (set before jax starts), float32 matmuls."""
+"""Test setup: 8 fake CPU devices (set before jax starts), float32 matmuls, and fast
+compiles (LLVM -O0, one disk cache per run)."""
 
 import os
 import tempfile
@@ -17,7 +18,8 @@ os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_second
 # several tests or both workers need once.
 os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# In-process `cli.main` calls keep the suite's disk cache (tests of theirs set their own).
+# In-process `cli.main` calls keep the suite's cache (the test of the command's own cache
+# runs it in a subprocess).
 os.environ["BLTJAX_COMPILE_CACHE"] = "off"
 
 import jax  # noqa: E402
@@ -34,7 +36,6 @@ jax.config.update("jax_compilation_cache_dir",
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-import os  # noqa: E402
 import shutil  # noqa: E402
 import sysconfig  # noqa: E402
 import uuid  # noqa: E402
