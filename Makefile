@@ -18,13 +18,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m bltjax.cli demo --workdir runs/demo
 
-# A test whose xdist worker dies runs once more, in a fresh worker: XLA:CPU's compiler
-# segfaulted in a long-lived worker in 3 of the last 7 full runs (2 here, 1 in CI; the
-# test passes alone every time). An ordinary failure is never rerun (--only-rerun
-# matches only the worker-crash report); a test that crashes twice fails. The 25 slowest
-# tests are listed at the end, to keep the suite's time in view.
+# A test whose xdist worker dies runs again (twice at most), each time in a fresh worker:
+# XLA:CPU segfaults now and then in a long-lived worker, inside its compiler or while
+# serializing a program for the disk cache (in 3 of 8 full runs at the default LLVM level,
+# in all 3 at the tests' -O0 of 2026-11-28, always one test a run; its rerun passed every
+# time). An ordinary failure is never rerun (--only-rerun matches only the worker-crash
+# report). The 25 slowest tests are listed at the end, to keep the suite's time in view.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --reruns 1 --only-rerun "crashed while running" --durations=25 tests
+	$(PY) -m pytest -n 2 --reruns 2 --only-rerun "crashed while running" --durations=25 tests
 
 clean:
 	rm -rf $(VENV) runs
