@@ -140,10 +140,11 @@ METHOD_OPTIONS = {
     "blt_d": ("block_size", "alpha", "gamma", "block_commit"),
     "blt_h": ("block_size", "alpha", "gamma", "gate"),
 }
-SHARED_OPTIONS = ("temperature", "top_p", "prefill_chunk", "unroll_layers")
+SHARED_OPTIONS = ("temperature", "top_p", "prefill_chunk", "unroll_layers", "fuse_projections")
 ABBREVIATIONS = {"block_size": "B", "alpha": "a", "gamma": "g", "draft_len": "k",
                  "block_commit": "", "gate": "gate", "temperature": "T", "top_p": "p",
-                 "prefill_chunk": "chunk", "unroll_layers": "unroll", "seed": "seed"}
+                 "prefill_chunk": "chunk", "unroll_layers": "unroll", "fuse_projections": "fuse",
+                 "seed": "seed"}
 
 
 def options_for(method: str, options: dict) -> dict:

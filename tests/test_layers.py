@@ -1,4 +1,7 @@
-"""Layers: BLT's FFN width rule, interleaved RoPE, RMSNorm, logical axis names."""
+"""Layers: BLT's FFN width rule, interleaved RoPE, RMSNorm, logical axis names, fused
+projections."""
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -57,6 +60,35 @@ def test_every_parameter_has_logical_axis_names():
   assert leaves and all(isinstance(v, nn.LogicallyPartitioned) for v in leaves)
   names = {n for v in leaves for n in v.names}
   assert names <= {"embed", "heads", "kv_heads", "mlp"}
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_fused_projections_compute_what_separate_ones_do(scan_layers):
+  """`fuse_projections` turns a stack's params into the `fused_projections` layout (one
+  qkv and one gate_up kernel per block, GQA included, scanned stacks too): same outputs
+  and keys."""
+  cfg = layers.TransformerConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, window=8,
+                                 scan_layers=scan_layers)
+  fused_cfg = dataclasses.replace(cfg, fused_projections=True)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 32))
+  pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+  spec = attention.CausalSpec(pos, jnp.ones((2, 8), jnp.int32), window=8)
+  params = nn.meta.unbox(layers.Transformer(cfg).init(jax.random.PRNGKey(1), x, pos,
+                                                      spec))["params"]
+  fused = layers.fuse_projections(params)
+  block = fused["layers"] if scan_layers else fused["layer_0"]
+  assert sorted(block["attn"]) == ["o", "qkv"] and sorted(block["ffn"]) == ["down", "gate_up"]
+  assert block["attn"]["qkv"]["kernel"].shape[-2:] == (32, 32 + 2 * 16)
+  assert jax.tree.structure(fused) == jax.tree.structure(nn.meta.unbox(
+      layers.Transformer(fused_cfg).init(jax.random.PRNGKey(1), x, pos, spec))["params"])
+  out, kvs = layers.Transformer(cfg).apply({"params": params}, x, pos, spec)
+  fused_out, fused_kvs = layers.Transformer(fused_cfg).apply({"params": fused}, x, pos, spec)
+  np.testing.assert_allclose(fused_out, out, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), fused_kvs, kvs)
+  # Cross-attention and ReLU FFNs have nothing to fuse: left as they are.
+  other = {"cross": {p: {"kernel": jnp.ones((4, 4))} for p in "qkvo"},
+           "ffn": {"up": {"kernel": jnp.ones((4, 8))}, "down": {"kernel": jnp.ones((8, 4))}}}
+  jax.tree.map(np.testing.assert_array_equal, layers.fuse_projections(other), other)
 
 
 def test_relu_ffn_records_sparsity_and_l1():

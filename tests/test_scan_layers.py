@@ -121,12 +121,13 @@ def test_scanned_global_model_generates_the_same_bytes():
           params["global_model"]["transformer"])))
   ids, lengths = blt_bytes.encode_batch(["Hello world, this is", "ab"])
   # By default a scanned stack decodes unrolled: the unrolled model's engine, its params
-  # unstacked (so the same program as the unrolled model's).
+  # unstacked (so the same program as the unrolled model's; every stack's projections
+  # fused, as for any model).
   default = generate.DecodeConfig(max_bytes=24)
   engine = generate.make_engine(scanned, static, None, ids.shape[1], default)
   assert engine == generate.make_engine(config, static, None, ids.shape[1], default)
   jax.tree.map(np.testing.assert_array_equal, engine.layout_params({"blt": stacked}),
-               {"blt": params})
+               {"blt": layers.fuse_projections(params)})
   # ... and so does a scanned entropy model (entropy patching)
   entropy_config = layers.TransformerConfig(d_model=32, n_layers=2, n_heads=2, window=8)
   entropy_params = nn.meta.unbox(entropy_lib.EntropyModel(entropy_config).init(
@@ -139,7 +140,7 @@ def test_scanned_global_model_generates_the_same_bytes():
   assert not engine.entropy_config.scan_layers
   jax.tree.map(np.testing.assert_array_equal,
                engine.layout_params({"blt": stacked, "entropy": entropy_stacked}),
-               {"blt": params, "entropy": entropy_params})
+               layers.fuse_projections({"blt": params, "entropy": entropy_params}))
   # unroll_layers=False keeps it scanned
   outputs = []
   for model_config, model_params in ((config, params), (scanned, stacked)):

@@ -39,6 +39,7 @@ class DecodeConfig:
   prefill_chunk: int = 32        # prompt bytes per prefill step
   unroll_layers: bool = True     # stacks trained with model.scan_layers decode unrolled:
                                  # faster steps, longer compile (see make_engine)
+  fuse_projections: bool = True  # q/k/v and gate/up run as one matmul each (see make_engine)
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -55,12 +56,13 @@ class DecodeConfig:
   def structure(self) -> "DecodeConfig":
     """What shapes the compiled program besides its engine: the config with its numeric
     knobs (alpha, gamma, gate, temperature, top_p) replaced by placeholders, keeping only
-    whether sampling, top-p and the EB rule are on (`unroll_layers` lives in the engine).
+    whether sampling, top-p and the EB rule are on (`unroll_layers` and
+    `fuse_projections` live in the engine).
     Configs with equal structure and engine share one compile."""
     return dataclasses.replace(
         self, alpha=0.0, gate=0.0, gamma=None if self.gamma is None else 0.0,
         temperature=0.0 if self.temperature == 0 else 1.0,
-        top_p=1.0 if self.top_p >= 1.0 else 0.5, unroll_layers=True)
+        top_p=1.0 if self.top_p >= 1.0 else 0.5, unroll_layers=True, fuse_projections=True)
 
   def knobs(self) -> dict:
     """The numeric knobs, passed to the compiled program as traced scalars."""
@@ -89,11 +91,19 @@ def make_engine(blt_config, patcher_config, entropy_config, prompt_len: int,
   models) run unrolled (`decode` unstacks their params once per request): a scanned
   step copies each layer's weights out of the stacked arrays on every call (decoding
   ran 1.25-1.49x slower scanned on CPU, bench/RESULTS.md); unrolled, the program takes
-  longer to compile (6-29% on CPU)."""
-  if config.unroll_layers:
-    unrolled = lambda c: dataclasses.replace(c, scan_layers=False)
-    blt_config = dataclasses.replace(blt_config, global_model=unrolled(blt_config.global_model))
-    entropy_config = entropy_config and unrolled(entropy_config)
+  longer to compile (6-29% on CPU). With `config.fuse_projections`, every stack runs
+  its q/k/v projections as one matmul and its SwiGLU gate/up as another (`decode`
+  concatenates the kernels once per request): a decode step multiplies a few rows, so
+  each matmul costs its weights' bytes plus a fixed cost, and fewer, wider ones save
+  the fixed costs (bench/RESULTS.md)."""
+  def stack(c):
+    if config.unroll_layers:
+      c = dataclasses.replace(c, scan_layers=False)
+    return dataclasses.replace(c, fused_projections=config.fuse_projections)
+  blt_config = dataclasses.replace(blt_config, encoder=stack(blt_config.encoder),
+                                   global_model=stack(blt_config.global_model),
+                                   decoder=stack(blt_config.decoder))
+  entropy_config = entropy_config and stack(entropy_config)
   return Engine(blt_config, patcher_config, entropy_config,
                 max_len=prompt_len + config.max_bytes + config.max_extend + 1,
                 max_extend=config.max_extend)

@@ -109,16 +109,24 @@ class Engine:
     return self.max_len
 
   def layout_params(self, params):
-    """`params` (`{"blt": ..., "entropy": ...}`) with each stack this engine runs unrolled
-    in the unrolled layout (`layers.unstack_layers`: params trained with `scan_layers`
-    are stacked `[n_layers, ...]`)."""
-    unrolled = lambda model: dict(model, transformer=layers.unstack_layers(model["transformer"]))
-    blt = params["blt"]
-    if not self.config.global_model.scan_layers:
-      blt = dict(blt, global_model=unrolled(blt["global_model"]))
+    """`params` (`{"blt": ..., "entropy": ...}`) in the layout this engine's stacks run:
+    unrolled where the stack does not scan (`layers.unstack_layers`: params trained with
+    `scan_layers` are stacked `[n_layers, ...]`) and with fused projections where the
+    stack's config asks for them (`layers.fuse_projections`)."""
+    def laid_out(model, stack: str, cfg: layers.TransformerConfig):
+      if not cfg.scan_layers and stack in model:
+        model = dict(model, **{stack: layers.unstack_layers(model[stack])})
+      return layers.fuse_projections(model) if cfg.fused_projections else model
+
+    cfg = self.config
+    blt = dict(params["blt"],
+               encoder=laid_out(params["blt"]["encoder"], "layers", cfg.encoder),
+               global_model=laid_out(params["blt"]["global_model"], "transformer",
+                                     cfg.global_model),
+               decoder=laid_out(params["blt"]["decoder"], "layers", cfg.decoder))
     params = dict(params, blt=blt)
-    if self.entropy_config is not None and not self.entropy_config.scan_layers:
-      params["entropy"] = unrolled(params["entropy"])
+    if self.entropy_config is not None:
+      params["entropy"] = laid_out(params["entropy"], "transformer", self.entropy_config)
     return params
 
   def _stack_cache(self, cfg: layers.TransformerConfig, batch: int, size: int) -> KVCache:

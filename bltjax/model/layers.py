@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -48,6 +49,9 @@ class TransformerConfig:
   remat: bool = False
   scan_layers: bool = False    # one scanned block (params stacked [layers, ...]): compile
                                # time independent of depth; for stacks run whole
+  fused_projections: bool = False  # q/k/v as one kernel `qkv`, SwiGLU gate/up as one
+                                   # `gate_up`: fewer, wider matmuls (decoding sets it;
+                                   # checkpoints keep them apart: `fuse_projections`)
 
   def __post_init__(self):
     if self.d_model % self.n_heads:
@@ -175,9 +179,14 @@ class SelfAttention(nn.Module):
     cfg = self.config
     b, t, _ = x.shape
     dtype = cfg.compute_dtype
-    q = Dense(cfg.n_heads * cfg.head_dim, ("embed", "heads"), dtype, name="q")(x)
-    k = Dense(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), dtype, name="k")(x)
-    v = Dense(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), dtype, name="v")(x)
+    q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    if cfg.fused_projections:
+      qkv = Dense(q_width + 2 * kv_width, ("embed", "heads"), dtype, name="qkv")(x)
+      q, k, v = jnp.split(qkv, [q_width, q_width + kv_width], axis=-1)
+    else:
+      q = Dense(q_width, ("embed", "heads"), dtype, name="q")(x)
+      k = Dense(kv_width, ("embed", "kv_heads"), dtype, name="k")(x)
+      v = Dense(kv_width, ("embed", "kv_heads"), dtype, name="v")(x)
     q = apply_rope(q.reshape(b, t, cfg.n_heads, cfg.head_dim), positions, cfg.rope_theta)
     k = apply_rope(k.reshape(b, t, cfg.kv_heads, cfg.head_dim), positions, cfg.rope_theta)
     v = v.reshape(b, t, cfg.kv_heads, cfg.head_dim)
@@ -204,8 +213,12 @@ class FeedForward(nn.Module):
     cfg = self.config
     dtype = cfg.compute_dtype
     if cfg.activation == "swiglu":
-      gate = Dense(cfg.hidden_dim, ("embed", "mlp"), dtype, name="gate")(x)
-      up = Dense(cfg.hidden_dim, ("embed", "mlp"), dtype, name="up")(x)
+      if cfg.fused_projections:
+        gate_up = Dense(2 * cfg.hidden_dim, ("embed", "mlp"), dtype, name="gate_up")(x)
+        gate, up = jnp.split(gate_up, 2, axis=-1)
+      else:
+        gate = Dense(cfg.hidden_dim, ("embed", "mlp"), dtype, name="gate")(x)
+        up = Dense(cfg.hidden_dim, ("embed", "mlp"), dtype, name="up")(x)
       return Dense(cfg.d_model, ("mlp", "embed"), dtype, name="down")(nn.silu(gate) * up)
     w_up = Kernel((x.shape[-1], cfg.hidden_dim), ("embed", "mlp"), name="up")().astype(dtype)
     w_down = Kernel((cfg.hidden_dim, cfg.d_model), ("mlp", "embed"), name="down")().astype(dtype)
@@ -317,6 +330,28 @@ def unstack_layers(stack_params):
   n_layers = jax.tree.leaves(stack_params["layers"])[0].shape[0]
   return {f"layer_{i}": jax.tree.map(lambda leaf, i=i: leaf[i], stack_params["layers"])
           for i in range(n_layers)}
+
+
+# (block module, its separate projections, their fused name) of `fused_projections`.
+_FUSED_PROJECTIONS = (("attn", ("q", "k", "v"), "qkv"), ("ffn", ("gate", "up"), "gate_up"))
+
+
+def fuse_projections(params):
+  """Params with separate projections -> the `fused_projections` layout: in every
+  transformer block (any stack, unrolled or scanned), `attn/{q,k,v}` become one
+  `attn/qkv` kernel and a SwiGLU `ffn/{gate,up}` one `ffn/gate_up`, concatenated along
+  the output axis. Anything else (cross-attention, ReLU FFNs) comes back as it is."""
+  if not isinstance(params, Mapping):
+    return params
+  out = {}
+  for name, sub in params.items():
+    sub = fuse_projections(sub)
+    for block_module, parts, fused in _FUSED_PROJECTIONS:
+      if name == block_module and isinstance(sub, Mapping) and all(p in sub for p in parts):
+        kernel = jnp.concatenate([sub[p]["kernel"] for p in parts], axis=-1)
+        sub = {fused: {"kernel": kernel}, **{k: v for k, v in sub.items() if k not in parts}}
+    out[name] = sub
+  return out
 
 
 def _ffn_layer_name(keys) -> str:
