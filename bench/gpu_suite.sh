@@ -13,7 +13,8 @@
 # Steps, most wanted first: gen_train generation entropy_100m sparse_ffn hf_peer
 # sparse_ffn_train (budgets: 475 s in all; they ran in 437 s on 2026-11-27, before
 # generation unrolled the scanned global stack). Only when named: generation_all (every
-# generation setting, ~6 min), decode_layers (scanned vs unrolled decoding, ~4 min) and
+# generation setting, ~6 min), decode_layers (scanned vs unrolled decoding, ~4 min),
+# fused_projections (q/k/v and gate/up fused vs apart in decoding, ~4 min) and
 # bltd8_400m (its init compile alone outran 60 s on an H200, 2026-11-27): the 8 minutes
 # cannot hold them. Each step has its own time budget;
 # one that fails or runs out of time is reported (a timed-out step prints every thread's
@@ -70,6 +71,10 @@ for step in $STEPS; do
     # decoded scanned and unrolled, compile seconds and bytes/s of each.
     decode_layers) run 300 bench/decode_layers.py --workdir "$GEN_DIR" --batch_sizes 1 \
         --prompts 4 --repeats 2 ;;
+    # Issue 6, only when named (after gen_train): decoding with q/k/v and gate/up as one
+    # matmul each (the default) vs apart: fewer kernel launches per layer.
+    fused_projections) run 300 bench/decode_layers.py --workdir "$GEN_DIR" --batch_sizes 1 \
+        --prompts 4 --repeats 2 --compare projections ;;
     # Issue 2: ~100M entropy model train step at bf16 (MFU).
     entropy_100m) run 40 bench/train_throughput.py --model entropy_100m --iters 5 \
         --config.train.batch_size=16 --config.model.remat=true --config.model.scan_layers=true ;;
@@ -97,7 +102,7 @@ for step in $STEPS; do
         --workdir /tmp/bltjax_gpu_hf_peer --hf_python "$PY" --device cuda --batch_sizes 1 \
         --batch1_prompts 2 --methods ar ;;
     *) echo "unknown step '$step' (steps: gen_train generation generation_all decode_layers" \
-            "entropy_100m bltd8_400m sparse_ffn sparse_ffn_train hf_peer)"; exit 2 ;;
+            "fused_projections entropy_100m bltd8_400m sparse_ffn sparse_ffn_train hf_peer)"; exit 2 ;;
   esac
 done
 exit $STATUS
