@@ -21,7 +21,7 @@ demo: $(STAMP)
 # A test whose xdist worker dies runs again (twice at most), each time in a fresh worker:
 # XLA:CPU segfaults now and then in a long-lived worker, inside its compiler or while
 # serializing a program for the disk cache (in 3 of 8 full runs at the default LLVM level,
-# in all 4 at the tests' -O0 of 2026-11-28, always one test a run; its rerun passed every
+# in 4 of 5 at the tests' -O0 of 2026-11-28, always one test a run; its rerun passed every
 # time). An ordinary failure is never rerun (--only-rerun matches only the worker-crash
 # report). The 25 slowest tests are listed at the end, to keep the suite's time in view.
 test: $(STAMP)
