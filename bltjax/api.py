@@ -127,6 +127,7 @@ class Model:
     self._objective = objectives.make_objective(config)
     self._fns: dict[tuple, Any] = {}
     self._decoders: dict[tuple, Any] = {}
+    self._decoding_params: dict[tuple, Any] = {}
     self.compiles = 0
     self._sizes = None
 
@@ -370,7 +371,7 @@ class Model:
 
     engine = self.engine(width, config)
     key = (len(rows), width, engine, config.structure())
-    params = {"blt": self.params, "entropy": self.frozen}
+    params = self.decoding_params(engine)
     decode, compile_seconds = self._compiled(
         key, lambda: generate_lib.decode_program(engine, config.structure()),
         params, ids, lengths, rng, config.knobs())
@@ -406,6 +407,17 @@ class Model:
         stats={k: int(v) for k, v in stats.items()},
         seconds=time.perf_counter() - start, decode_seconds=decode_seconds,
         compile_seconds=compile_seconds, traffic=traffic, prefill_seconds=prefill_seconds)
+
+  def decoding_params(self, engine: generate_lib.Engine):
+    """`{"blt": params, "entropy": frozen}` in the layout `engine` runs (unrolled stacks,
+    fused projections: `Engine.layout_params`), made on first use and kept, one copy per
+    layout: laid out inside each generate call, the copy would cost every request (on the
+    CPU bench model it took more time than a 64-byte prompt's prefill)."""
+    layout = (engine.config, engine.entropy_config)
+    if layout not in self._decoding_params:
+      self._decoding_params[layout] = jax.jit(engine.layout_params)(
+          {"blt": self.params, "entropy": self.frozen})
+    return self._decoding_params[layout]
 
   def _compiled(self, key, make_program, *args):
     """The executable of `make_program()` compiled ahead of time for `args` (cached under

@@ -79,6 +79,7 @@ def test_fused_projections_compute_what_separate_ones_do(scan_layers):
   block = fused["layers"] if scan_layers else fused["layer_0"]
   assert sorted(block["attn"]) == ["o", "qkv"] and sorted(block["ffn"]) == ["down", "gate_up"]
   assert block["attn"]["qkv"]["kernel"].shape[-2:] == (32, 32 + 2 * 16)
+  jax.tree.map(np.testing.assert_array_equal, layers.fuse_projections(fused), fused)
   assert jax.tree.structure(fused) == jax.tree.structure(nn.meta.unbox(
       layers.Transformer(fused_cfg).init(jax.random.PRNGKey(1), x, pos, spec))["params"])
   out, kvs = layers.Transformer(cfg).apply({"params": params}, x, pos, spec)

@@ -88,14 +88,15 @@ def make_engine(blt_config, patcher_config, entropy_config, prompt_len: int,
   """An engine whose buffers hold the prompt, max_bytes and one extension of slack.
 
   With `config.unroll_layers`, stacks trained with `scan_layers` (the global and entropy
-  models) run unrolled (`decode` unstacks their params once per request): a scanned
-  step copies each layer's weights out of the stacked arrays on every call (decoding
-  ran 1.25-1.49x slower scanned on CPU, bench/RESULTS.md); unrolled, the program takes
-  longer to compile (6-29% on CPU). With `config.fuse_projections`, every stack runs
-  its q/k/v projections as one matmul and its SwiGLU gate/up as another (`decode`
-  concatenates the kernels once per request): a decode step multiplies a few rows, so
-  each matmul costs its weights' bytes plus a fixed cost, and fewer, wider ones save
-  the fixed costs (bench/RESULTS.md)."""
+  models) run unrolled (their params unstacked by `Engine.layout_params`): a scanned step
+  copies each layer's weights out of the stacked arrays on every call (decoding ran
+  1.25-1.49x slower scanned on CPU, bench/RESULTS.md); unrolled, the program takes longer
+  to compile (6-29% on CPU). With `config.fuse_projections`, every stack runs its q/k/v
+  projections as one matmul and its SwiGLU gate/up as another (kernels concatenated by
+  `Engine.layout_params`): a decode step multiplies a few rows, so each matmul costs its
+  weights' bytes plus a fixed cost, and fewer, wider ones save the fixed costs
+  (bench/RESULTS.md). `decode` lays out raw params on every call; `api.Model` passes
+  params laid out once."""
   def stack(c):
     if config.unroll_layers:
       c = dataclasses.replace(c, scan_layers=False)

@@ -112,7 +112,8 @@ class Engine:
     """`params` (`{"blt": ..., "entropy": ...}`) in the layout this engine's stacks run:
     unrolled where the stack does not scan (`layers.unstack_layers`: params trained with
     `scan_layers` are stacked `[n_layers, ...]`) and with fused projections where the
-    stack's config asks for them (`layers.fuse_projections`)."""
+    stack's config asks for them (`layers.fuse_projections`). Params already so laid out
+    come back as they are, so `decode` takes either (`api.Model` lays them out once)."""
     def laid_out(model, stack: str, cfg: layers.TransformerConfig):
       if not cfg.scan_layers and stack in model:
         model = dict(model, **{stack: layers.unstack_layers(model[stack])})
