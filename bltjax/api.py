@@ -411,8 +411,8 @@ class Model:
   def decoding_params(self, engine: generate_lib.Engine):
     """`{"blt": params, "entropy": frozen}` in the layout `engine` runs (unrolled stacks,
     fused projections: `Engine.layout_params`), made on first use and kept, one copy per
-    layout: laid out inside each generate call, the copy would cost every request (on the
-    CPU bench model it took more time than a 64-byte prompt's prefill)."""
+    layout: laid out inside each generate call, every request would pay a copy of most of
+    the weights."""
     layout = (engine.config, engine.entropy_config)
     if layout not in self._decoding_params:
       self._decoding_params[layout] = jax.jit(engine.layout_params)(
