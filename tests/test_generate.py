@@ -100,48 +100,6 @@ def test_extensions_closing_two_patches_equal_full_recomputation(params):
   assert speculated == reference
 
 
-def test_verifying_a_decoder_draft_reuses_it_and_equals_a_full_extension(params):
-  # Patches of 8 bytes and drafts of 4: across prompt lengths, a draft closes no patch or
-  # one after 1..3 bytes, so the decoder reruns on 1, 2 or all 4 trailing positions.
-  patcher_config = patcher.PatcherConfig(mode="static", patch_size=8)
-  draft_len = 4
-  config = generate.DecodeConfig(max_bytes=8, draft_len=draft_len, prefill_chunk=8)
-  engine = generate.make_engine(CONFIG, patcher_config, None, 24, config)
-  laid_out = engine.layout_params(params)
-  drafts = jnp.asarray([blt_bytes.encode("gold", add_bos=False, add_eos=False)], jnp.int32)
-  n_new = jnp.full((1,), draft_len)
-
-  @jax.jit
-  def both(ids, length):
-    state, _ = engine.prefill(laid_out, engine.init_state(1), ids, length)
-    full_state, full_logits = engine.extend(laid_out, state, drafts, n_new)
-    drafted = state
-    draft_logits = []
-    for j in range(draft_len - 1):
-      drafted, step_logits = engine.draft_step(laid_out, drafted, drafts[:, j],
-                                               state.length + j)
-      draft_logits.append(step_logits)
-    reused_state, reused_logits = engine.extend_draft(laid_out, drafted, drafts, n_new,
-                                                      jnp.stack(draft_logits, axis=1))
-    # The states must go on alike: one more byte after each.
-    after = lambda s: engine.extend(laid_out, s, drafts[:, :1], jnp.ones((1,), jnp.int32))
-    return (full_logits, reused_logits, after(full_state)[1], after(reused_state)[1],
-            full_state.nfe, reused_state.nfe, full_state.num_patches,
-            reused_state.num_patches)
-
-  text = blt_bytes.encode(PROMPTS[2], add_eos=False)
-  for length in range(9, 17):   # every phase of the 8-byte patches
-    ids = jnp.asarray([text[:16]], jnp.int32)
-    (full, reused, full_next, reused_next, full_nfe, reused_nfe, full_patches,
-     reused_patches) = both(ids, jnp.asarray([length]))
-    np.testing.assert_allclose(reused, full, rtol=1e-5, atol=1e-5, err_msg=f"{length=}")
-    np.testing.assert_allclose(reused_next, full_next, rtol=1e-5, atol=1e-5)
-    assert int(reused_patches[0]) == int(full_patches[0])
-    # Three draft steps embedded a byte each, the verification only the last one: the
-    # four positions the full extension embeds.
-    assert int(reused_nfe[generate.EMBEDDED]) == int(full_nfe[generate.EMBEDDED])
-
-
 @pytest.mark.parametrize("draft_len", [pytest.param(4, marks=pytest.mark.slow), 8,
                                        pytest.param(16, marks=pytest.mark.slow)])
 def test_greedy_blt_s_and_blt_dv_equal_ar(draft_len, params):

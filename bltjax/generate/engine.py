@@ -272,123 +272,48 @@ class Engine:
     Returns (state, logits `[B, T, 260]` float32): logits[:, j] predict the byte after
     new position j (garbage where j >= n_new).
     """
-    width = new_tokens.shape[1]
-    state, positions, valid = self._write_tokens(state, new_tokens, n_new)
-    # 1. entropy model
-    state = self._run_entropy_model(params, state, new_tokens, positions, valid)
-    # 2. encoder byte layers
-    bound = self.blt.bind({"params": params["blt"]})
-    states, state = self._encode_and_store(bound, state, new_tokens, positions, valid)
-    state = dataclasses.replace(state, length=state.length + n_new)
-    # 3. patches and the global model for those that closed
-    state, next_patch_ids = self._sync_patches(bound, state, width)
-    # 4. decoder
-    logits, decoder_cache = self._decode_and_store(
-        bound, state, states, positions, valid, self._read_patches(next_patch_ids, positions))
-    return dataclasses.replace(state, decoder_cache=decoder_cache,
-                               nfe=self._count(state.nfe, "decoder")), logits
-
-  def extend_draft(self, params, state: GenState, drafts, n_new, draft_logits):
-    """`extend` of a BLT-S draft `[B, k]` whose first k - 1 bytes `draft_step` already
-    consumed into the encoder and decoder caches, its logits `draft_logits`
-    `[B, k - 1, 260]`. Same result as `extend(params, state, drafts, n_new)` with less
-    work: the encoder layers are byte-level, so the draft's are exact; so are its
-    decoder outputs up to the first patch the draft closes (they read the same global
-    output). Only the last byte is encoded, and the decoder reruns from that patch on
-    (on the fewest trailing positions that suffice, of 1, 2, 4 and k). `n_new` `[B]`: 0
-    or k (a whole draft); the entropy model and global model run as in `extend`.
-    """
-    width = drafts.shape[1]
-    if draft_logits.shape[1] != width - 1:
-      raise ValueError(f"draft_logits cover {draft_logits.shape[1]} positions; a draft of "
-                       f"{width} bytes has {width - 1} drafted ones")
-    patches_drafted_on = state.num_patches
-    state, positions, valid = self._write_tokens(state, drafts, n_new)
-    state = self._run_entropy_model(params, state, drafts, positions, valid)
-    bound = self.blt.bind({"params": params["blt"]})
-    _, state = self._encode_and_store(bound, state, drafts[:, -1:], positions[:, -1:],
-                                      valid[:, -1:])
-    state = dataclasses.replace(state, length=state.length + n_new)
-    state, next_patch_ids = self._sync_patches(bound, state, width)
-    read = self._read_patches(next_patch_ids, positions)
-    # The draft read patch `patches_drafted_on - 1`; its last byte was never decoded.
-    redo = ((read != jnp.maximum(patches_drafted_on - 1, 0)[:, None])
-            | (jnp.arange(width) == width - 1)[None])
-    needed = jnp.max(jnp.where(valid[:, -1], width - jnp.argmax(redo, axis=1), 1))
-    sizes = sorted({min(width, s) for s in (1, 2, 4, width)})
-
-    def rerun(size: int):
-      def run(decoder_cache):
-        cols = slice(width - size, width)
-        at = jnp.clip(positions[:, cols], 0, self.max_len - 1)
-        states = jnp.take_along_axis(state.byte_states, at[:, :, None], axis=1)
-        logits, cache = self._decode_and_store(
-            bound, dataclasses.replace(state, decoder_cache=decoder_cache), states,
-            positions[:, cols], valid[:, cols], read[:, cols])
-        return jnp.concatenate([draft_logits[:, :width - size], logits], axis=1), cache
-      return run
-
-    branch = sum((needed > s).astype(jnp.int32) for s in sizes[:-1])
-    logits, decoder_cache = jax.lax.switch(branch, [rerun(s) for s in sizes],
-                                           state.decoder_cache)
-    return dataclasses.replace(state, decoder_cache=decoder_cache,
-                               nfe=self._count(state.nfe, "decoder")), logits
-
-  def _write_tokens(self, state: GenState, new_tokens, n_new):
-    """Writes `new_tokens[:, :n_new]` `[B, T]` at the rows' lengths (not advanced).
-    Returns (state, positions `[B, T]`, valid `[B, T]`)."""
     batch, width = new_tokens.shape
     positions = state.length[:, None] + jnp.arange(width, dtype=jnp.int32)
     valid = jnp.arange(width)[None] < n_new[:, None]
     rows = jnp.arange(batch)[:, None]
     scatter_at = jnp.where(valid, positions, self.max_len)
-    return dataclasses.replace(
-        state, tokens=state.tokens.at[rows, scatter_at].set(new_tokens, mode="drop"),
-        forced_fires=state.forced_fires.at[rows, scatter_at].set(False, mode="drop")
-    ), positions, valid
-
-  def _run_entropy_model(self, params, state: GenState, new_tokens, positions, valid):
-    """The entropies of new positions `[B, T]` (cached entropy model), if it patches."""
-    if self.entropy_model is None:
-      return state
-    cache = state.entropy_cache
-    specs = cache.storing_specs(positions, valid, window=self.entropy_config.window)
-    logits, stored = self.entropy_model.apply({"params": params["entropy"]}, new_tokens,
-                                              positions, specs,
-                                              method=entropy_lib.EntropyModel.forward)
-    rows = jnp.arange(positions.shape[0])[:, None]
-    return dataclasses.replace(
-        state,
-        entropies=state.entropies.at[rows, jnp.where(valid, positions, self.max_len)].set(
-            patcher_lib.entropies_from_logits(logits), mode="drop"),
-        entropy_cache=cache.with_stored(stored, positions, valid),
-        nfe=self._count(state.nfe, "entropy"))
-
-  def _encode_and_store(self, bound, state: GenState, new_tokens, positions, valid):
-    """Encoder byte layers on new positions `[B, T]`, stored in the encoder cache and
-    `byte_states`. Returns (byte states `[B, T, d_local]`, state)."""
-    states, stored = self.encode_bytes(bound, state.tokens, new_tokens, positions, valid,
+    tokens = state.tokens.at[rows, scatter_at].set(new_tokens, mode="drop")
+    forced = state.forced_fires.at[rows, scatter_at].set(False, mode="drop")
+    state = dataclasses.replace(state, tokens=tokens, forced_fires=forced)
+    nfe = state.nfe
+    # 1. entropy model
+    entropies, entropy_cache = state.entropies, state.entropy_cache
+    if self.entropy_model is not None:
+      specs = entropy_cache.storing_specs(positions, valid, window=self.entropy_config.window)
+      logits, stored = self.entropy_model.apply({"params": params["entropy"]}, new_tokens,
+                                                positions, specs,
+                                                method=entropy_lib.EntropyModel.forward)
+      entropies = entropies.at[rows, scatter_at].set(
+          patcher_lib.entropies_from_logits(logits), mode="drop")
+      entropy_cache = entropy_cache.with_stored(stored, positions, valid)
+      nfe = self._count(nfe, "entropy")
+    # 2. encoder byte layers
+    bound = self.blt.bind({"params": params["blt"]})
+    states, stored = self.encode_bytes(bound, tokens, new_tokens, positions, valid,
                                        state.encoder_cache, store=True)
-    rows = jnp.arange(positions.shape[0])[:, None]
-    scatter_at = jnp.where(valid, positions, self.max_len)
-    return states, dataclasses.replace(
-        state,
+    state = dataclasses.replace(
+        state, entropies=entropies, entropy_cache=entropy_cache,
         byte_states=state.byte_states.at[rows, scatter_at].set(
             states.astype(state.byte_states.dtype), mode="drop"),
         encoder_cache=state.encoder_cache.with_stored(stored, positions, valid),
-        nfe=self._count(self._count(state.nfe, "encoder"), EMBEDDED, new_tokens.shape[1]))
-
-  def _decode_and_store(self, bound, state: GenState, states, positions, valid, read_patch):
-    """Decoder on new positions `[B, T]`; returns (logits, the decoder cache after)."""
-    logits, stored = self.decode_bytes(bound, states, positions, valid, read_patch, state,
-                                       store=True)
-    return logits, state.decoder_cache.with_stored(stored, positions, valid)
-
-  def _read_patches(self, next_patch_ids, positions):
-    """The patch whose global output each position `[B, T]` reads: the last complete."""
+        length=state.length + n_new,
+        nfe=self._count(self._count(nfe, "encoder"), EMBEDDED, width))
+    # 3. patches and the global model for those that closed
+    state, next_patch_ids = self._sync_patches(bound, state, width)
+    # 4. decoder
     read = jnp.take_along_axis(next_patch_ids, jnp.clip(positions, 0, self.max_len - 1),
                                axis=1) - 1
-    return jnp.maximum(read, 0)
+    logits, stored = self.decode_bytes(bound, states, positions, valid, jnp.maximum(read, 0),
+                                       state, store=True)
+    state = dataclasses.replace(
+        state, decoder_cache=state.decoder_cache.with_stored(stored, positions, valid),
+        nfe=self._count(state.nfe, "decoder"))
+    return state, logits
 
   def _sync_patches(self, bound, state: GenState, width: int):
     """Recomputes patch starts and runs the global model on patches closed since the last
@@ -471,14 +396,22 @@ class Engine:
     bound = self.blt.bind({"params": params["blt"]})
     rows = jnp.arange(token.shape[0])
     positions, valid = position[:, None], jnp.ones((token.shape[0], 1), bool)
+    tokens = state.tokens.at[rows, position].set(token, mode="drop")
+    states, stored = self.encode_bytes(bound, tokens, token[:, None], positions, valid,
+                                       state.encoder_cache, store=True)
     state = dataclasses.replace(
-        state, tokens=state.tokens.at[rows, position].set(token, mode="drop"))
-    states, state = self._encode_and_store(bound, state, token[:, None], positions, valid)
+        state, tokens=tokens,
+        byte_states=state.byte_states.at[rows, position].set(
+            states[:, 0].astype(state.byte_states.dtype), mode="drop"),
+        encoder_cache=state.encoder_cache.with_stored(stored, positions, valid),
+        nfe=self._count(self._count(state.nfe, "encoder"), EMBEDDED))
     read = jnp.maximum(state.num_patches - 1, 0)[:, None]
-    logits, decoder_cache = self._decode_and_store(bound, state, states, positions, valid,
-                                                   read)
-    return dataclasses.replace(state, decoder_cache=decoder_cache,
-                               nfe=self._count(state.nfe, "decoder")), logits[:, 0]
+    logits, stored = self.decode_bytes(bound, states, positions, valid, read, state,
+                                       store=True)
+    state = dataclasses.replace(
+        state, decoder_cache=state.decoder_cache.with_stored(stored, positions, valid),
+        nfe=self._count(state.nfe, "decoder"))
+    return state, logits[:, 0]
 
   def block_step(self, params, state: GenState, block):
     """One diffusion step of the decoder on `block` `[B, Bk]` (ids, MASK where unknown)

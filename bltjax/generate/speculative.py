@@ -5,10 +5,8 @@ position). The drafter proposes d_1..d_{k-1}:
 - BLT-S: the local decoder alone, byte by byte, past the patch boundary, reading the
   stale latest global output (`Engine.draft_step`);
 - BLT-DV: one BLT-D diffusion step on `[d_0, MASK, ..., MASK]` (`Engine.block_step`).
-One extension over d_0..d_{k-1} (entropy model, encoder, global model for the patches
-that close, decoder) then gives the model's own choice g_j after each d_j: for BLT-S
-`Engine.extend_draft`, which keeps the draft steps' encoder work and their decoder
-outputs up to the first patch the draft closes; for BLT-DV `Engine.extend`.
+One `Engine.extend` over d_0..d_{k-1} (entropy model, encoder, global model for the
+patches that close, decoder) then gives the model's own choice g_j after each d_j.
 The longest prefix with d_{j+1} == g_j is kept, g_m (the correction, or a bonus byte
 when all matched) is the next round's d_0, and the caches roll back to the kept bytes.
 The verifier chooses exactly as AR does (greedy, or position-keyed sampling), so the
@@ -30,32 +28,28 @@ DRAFTERS = ("decoder", "diffusion")
 
 def _decoder_draft(engine: Engine, params, state: GenState, first, *, draft_len, sampling,
                    rng):
-  """d_0 = first; d_j from local decoder steps on d_{j-1}. Returns (state, drafts [B, k],
-  the draft steps' logits [B, k - 1, 260])."""
-  batch = first.shape[0]
-  drafts = jnp.zeros((batch, draft_len), jnp.int32).at[:, 0].set(first)
-  logits = jnp.zeros((batch, draft_len - 1, blt_bytes.VOCAB_SIZE), jnp.float32)
+  """d_0 = first; d_j from local decoder steps on d_{j-1}. Returns (state, drafts [B, k])."""
+  drafts = jnp.zeros((first.shape[0], draft_len), jnp.int32).at[:, 0].set(first)
 
   def step(j, carry):
-    state, drafts, logits = carry
+    state, drafts = carry
     position = state.length + j - 1
-    state, step_logits = engine.draft_step(params, state, drafts[:, j - 1], position)
-    token = sampling_lib.choose(step_logits, position + 1, rng, sampling)
-    return state, drafts.at[:, j].set(token), logits.at[:, j - 1].set(step_logits)
+    state, logits = engine.draft_step(params, state, drafts[:, j - 1], position)
+    token = sampling_lib.choose(logits, position + 1, rng, sampling)
+    return state, drafts.at[:, j].set(token)
 
-  return jax.lax.fori_loop(1, draft_len, step, (state, drafts, logits))
+  return jax.lax.fori_loop(1, draft_len, step, (state, drafts))
 
 
 def _diffusion_draft(engine: Engine, params, state: GenState, first, *, draft_len, sampling,
                      rng):
-  """d_0 = first; d_1..d_{k-1} from one diffusion step on [d_0, MASK...]. Returns (state,
-  drafts [B, k], None: the step consumed no byte into the caches)."""
+  """d_0 = first; d_1..d_{k-1} from one diffusion step on [d_0, MASK...]."""
   block = jnp.full((first.shape[0], draft_len), blt_bytes.MASK_ID, jnp.int32)
   block = block.at[:, 0].set(first)
   state, logits = engine.block_step(params, state, block)
   positions = state.length[:, None] + jnp.arange(draft_len)
   tokens = sampling_lib.choose(logits, positions, rng, sampling)
-  return state, tokens.at[:, 0].set(first), None
+  return state, tokens.at[:, 0].set(first)
 
 
 def generate(engine: Engine, params, state: GenState, logits, *, max_bytes: int,
@@ -77,14 +71,10 @@ def generate(engine: Engine, params, state: GenState, logits, *, max_bytes: int,
   def body(carry):
     state, first, out, count, done, stats = carry
     start = state.length
-    state, drafts, draft_logits = draft(engine, params, state, first, draft_len=draft_len,
-                                        sampling=sampling, rng=rng)
-    n_new = jnp.where(done, 0, draft_len)
-    if draft_logits is None:
-      state, verified = engine.extend(params, state, drafts, n_new)
-    else:   # the draft steps consumed d_0..d_{k-2}: verification reuses their work
-      state, verified = engine.extend_draft(params, state, drafts, n_new, draft_logits)
-    choices = sampling_lib.choose(verified, start[:, None] + 1 + jnp.arange(draft_len), rng,
+    state, drafts = draft(engine, params, state, first, draft_len=draft_len,
+                          sampling=sampling, rng=rng)
+    state, verify = engine.extend(params, state, drafts, jnp.where(done, 0, draft_len))
+    choices = sampling_lib.choose(verify, start[:, None] + 1 + jnp.arange(draft_len), rng,
                                   sampling)
     agree = drafts[:, 1:] == choices[:, :-1]                         # [B, k-1]
     matched = jnp.sum(jnp.cumprod(agree.astype(jnp.int32), axis=1), axis=1)
