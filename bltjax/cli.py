@@ -17,7 +17,11 @@ from bltjax import checkpoint
 from bltjax import compile_cache
 from bltjax import configs
 from bltjax import distributed
-from bltjax.train import NonFiniteLossError
+from bltjax.train import NonFiniteLossError, TrainingPreempted
+
+# The exit status of a run stopped by a preemption notice after saving (128 + SIGTERM,
+# as if terminated): not 0, so a chained command or a restart policy sees it unfinished.
+PREEMPTED_EXIT_STATUS = 143
 
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -395,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     compile_cache.enable()    # A re-run reads its compiled programs from disk.
     distributed.initialize()  # Multi-host: before anything touches devices.
     args.fn(args, overrides)
+  except TrainingPreempted as e:
+    print(f"bltjax: {e}", file=sys.stderr)
+    return PREEMPTED_EXIT_STATUS
   except (configs.ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as e:
     if os.environ.get("BLTJAX_TRACEBACK"):
       raise

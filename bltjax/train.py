@@ -2,7 +2,8 @@
 
 Re-running the same command on the same workdir resumes from the latest checkpoint.
 The batch of step s is a pure function of (seed, s), so a resumed run continues with
-exactly the losses an uninterrupted run would have had.
+exactly the losses an uninterrupted run would have had. A preemption notice (SIGTERM)
+saves the next step and stops (`bltjax/preemption.py`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,22 @@ from bltjax import flops
 from bltjax import losses
 from bltjax import metrics as metrics_lib
 from bltjax import objectives
+from bltjax import preemption
 from bltjax import sharding
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class TrainingPreempted(RuntimeError):
+  """A preemption notice (SIGTERM) stopped training after saving `step`: the run did not
+  finish, and re-running it resumes from there."""
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(f"preemption notice (SIGTERM): saved step {step} in {directory} and "
+                     "stopped; re-run the same command to resume from it")
+    self.step = step
 
 
 @jax.tree_util.register_dataclass
@@ -233,6 +245,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
           devices=None) -> dict[str, float]:
   """Trains (or resumes) the run in `workdir`; returns the last validation metrics.
 
+  Raises TrainingPreempted after saving the step a preemption notice (SIGTERM) stopped at.
+
   `devices`: the devices of the mesh (default: all)."""
   tcfg = config.train
   check_workdir_config(workdir, config)
@@ -295,49 +309,54 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
   # (compile_steps, minutes on a GPU), nor the first run's one-time setup (collectives).
   run_start = None
   try:
-    for step in range(start_step, tcfg.steps):
-      batch = sharding.make_global_batch(next(data_iter), trainer.mesh)
-      state, step_metrics = trainer.train_step(state, batch, trainer.frozen)
-      pending.append(step_metrics)
-      done = step + 1
-      writer.advance()
-      if window_start_time is None:  # the first step (one-time setup): not timed
-        jax.block_until_ready(state.step)
-        window_start_time, window_steps = time.perf_counter(), 0
-        run_start = window_start_time
-      else:
-        window_steps += 1
-      is_last = done == tcfg.steps or _out_of_time(run_start, tcfg.time_budget_s)
-      if done % tcfg.log_every == 0 or is_last:
-        check_pending()
-        row = _mean_metrics(pending)
-        elapsed = time.perf_counter() - window_start_time
-        if window_steps:
-          step_time = elapsed / window_steps
-          row["step_time"] = step_time
-          row["bytes_per_s"] = tcfg.batch_size * tcfg.seq_len / step_time
-          if peak:
-            row["mfu"] = step_flops / step_time / (peak * trainer.mesh.size)
-        writer.write(done, row)
-        pending, pending_start = [], done
-        window_start_time, window_steps = time.perf_counter(), 0
-      # Saved before the evaluation: an evaluation that fails loses no training.
-      if done % tcfg.save_every == 0 or is_last:
-        check_pending()
-        ckpt.save(done, state, data_iter)
-        last_saved = done
-      if (tcfg.eval_every and done % tcfg.eval_every == 0) or is_last:
-        check_pending()
+    with preemption.PreemptionWatch() as preemption_watch:
+      for step in range(start_step, tcfg.steps):
+        batch = sharding.make_global_batch(next(data_iter), trainer.mesh)
+        state, step_metrics = trainer.train_step(state, batch, trainer.frozen)
+        pending.append(step_metrics)
+        done = step + 1
+        writer.advance()
+        if window_start_time is None:  # the first step (one-time setup): not timed
+          jax.block_until_ready(state.step)
+          window_start_time, window_steps = time.perf_counter(), 0
+          run_start = window_start_time
+        else:
+          window_steps += 1
+        preempted = preemption_watch.reached(done)   # every step, on every process
+        is_last = (done == tcfg.steps or preempted
+                   or _out_of_time(run_start, tcfg.time_budget_s))
+        if done % tcfg.log_every == 0 or is_last:
+          check_pending()
+          row = _mean_metrics(pending)
+          elapsed = time.perf_counter() - window_start_time
+          if window_steps:
+            step_time = elapsed / window_steps
+            row["step_time"] = step_time
+            row["bytes_per_s"] = tcfg.batch_size * tcfg.seq_len / step_time
+            if peak:
+              row["mfu"] = step_flops / step_time / (peak * trainer.mesh.size)
+          writer.write(done, row)
+          pending, pending_start = [], done
+          window_start_time, window_steps = time.perf_counter(), 0
+        # Saved before the evaluation: an evaluation that fails loses no training.
+        if done % tcfg.save_every == 0 or is_last:
+          check_pending()
+          ckpt.save(done, state, data_iter)
+          last_saved = done
+        if preempted:   # the grace period is for saving (the finally waits), not evaluating
+          raise TrainingPreempted(done, ckpt.directory)
+        if (tcfg.eval_every and done % tcfg.eval_every == 0) or is_last:
+          check_pending()
+          eval_metrics = trainer.evaluate(state.params, tcfg.eval_batches or None)
+          writer.write(done, eval_metrics, prefix="valid")
+          window_start_time, window_steps = time.perf_counter(), 0
+        if is_last:
+          break
+      if start_step >= tcfg.steps:
+        writer.print(f"workdir already holds step {start_step} >= train.steps={tcfg.steps}; "
+                     "raise --config.train.steps to train further")
         eval_metrics = trainer.evaluate(state.params, tcfg.eval_batches or None)
-        writer.write(done, eval_metrics, prefix="valid")
-        window_start_time, window_steps = time.perf_counter(), 0
-      if is_last:
-        break
-    if start_step >= tcfg.steps:
-      writer.print(f"workdir already holds step {start_step} >= train.steps={tcfg.steps}; "
-                   "raise --config.train.steps to train further")
-      eval_metrics = trainer.evaluate(state.params, tcfg.eval_batches or None)
-      writer.write(start_step, eval_metrics, prefix="valid")
+        writer.write(start_step, eval_metrics, prefix="valid")
   finally:
     ckpt.close()
     writer.close()

@@ -18,12 +18,16 @@
 #   --port=P                 coordinator port on 127.0.0.1 (default: a free port)
 #   --log_dir=DIR            logs process_<i>.log (default: <workdir>/logs, else ./logs)
 #   --timeout=S              stop every process after S seconds (default 0: no limit)
+#   --grace=S                on SIGTERM (a scheduler's preemption notice), the launcher
+#                            passes it on and gives the processes S seconds to save a
+#                            checkpoint and exit before it kills them (default 120)
 #   --dry_run                print the N commands and exit
 # Environment:
 #   PYTHON                   the interpreter (default: python3)
 #
 # Process 0's log is echoed to stdout. Exit status: 0 when every process exits 0; else
-# the status of the first one that fails (the others are stopped), 124 on --timeout.
+# the status of the first one that fails (the others are stopped), 124 on --timeout,
+# 143 when a preemption notice stopped the run after its checkpoint.
 set -euo pipefail
 
 NAME="multiprocess.sh"
@@ -42,7 +46,7 @@ N="$1"; shift
 [[ "$N" =~ ^[1-9][0-9]*$ ]] || die "N must be a positive number of processes, got '$N'"
 
 PYTHON="${PYTHON:-python3}"
-DEVICES=4 PORT="" LOG_DIR="" TIMEOUT=0 DRY_RUN=0 WORKDIR=""
+DEVICES=4 PORT="" LOG_DIR="" TIMEOUT=0 GRACE=120 DRY_RUN=0 WORKDIR=""
 ARGS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -54,6 +58,8 @@ while [[ $# -gt 0 ]]; do
     --log_dir) LOG_DIR="${2:?--log_dir needs a value}"; shift ;;
     --timeout=*) TIMEOUT="${1#*=}" ;;
     --timeout) TIMEOUT="${2:?--timeout needs a value}"; shift ;;
+    --grace=*) GRACE="${1#*=}" ;;
+    --grace) GRACE="${2:?--grace needs a value}"; shift ;;
     --dry_run) DRY_RUN=1 ;;
     --workdir=*) WORKDIR="${1#*=}"; ARGS+=("$1") ;;
     --workdir) WORKDIR="${2:-}"; ARGS+=("$1" "${2:-}"); shift ;;
@@ -63,6 +69,7 @@ while [[ $# -gt 0 ]]; do
 done
 [[ "$DEVICES" =~ ^[1-9][0-9]*$ ]] || die "--devices_per_process must be >= 1, got '$DEVICES'"
 [[ "$TIMEOUT" =~ ^[0-9]+$ ]] || die "--timeout must be a number of seconds, got '$TIMEOUT'"
+[[ "$GRACE" =~ ^[0-9]+$ ]] || die "--grace must be a number of seconds, got '$GRACE'"
 [[ -z "$PORT" || "$PORT" =~ ^[0-9]+$ ]] || die "--port must be a number, got '$PORT'"
 if [[ ${#ARGS[@]} -eq 0 || "${ARGS[0]}" == -* ]]; then
   ARGS=(train "${ARGS[@]}")
@@ -97,20 +104,25 @@ mkdir -p "$LOG_DIR"
 
 PIDS=()
 TAIL_PID=""
+# Sends SIGTERM to every process, waits up to $1 seconds (default 5) for them to exit,
+# kills what is left. (Under jax.distributed, SIGTERM is a preemption notice: a training
+# process saves a checkpoint at a step every process agrees on, then exits.)
 stop_all() {
-  local pid
+  local pid alive half_seconds=0
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for _ in 1 2 3 4 5 6 7 8 9 10; do
-    local alive=0
+  while [[ $half_seconds -lt $(( ${1:-5} * 2 )) ]]; do
+    alive=0
     for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
     [[ $alive -eq 0 ]] && break
     sleep 0.5
+    half_seconds=$((half_seconds + 1))
   done
   for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-  [[ -z "$TAIL_PID" ]] || kill "$TAIL_PID" 2>/dev/null || true
+  # tail ends by itself within a second of process 0, after its last lines.
+  [[ -z "$TAIL_PID" ]] || wait "$TAIL_PID" 2>/dev/null || true
 }
 trap 'stop_all; exit 130' INT
-trap 'stop_all; exit 143' TERM
+trap 'stop_all "$GRACE"; exit 143' TERM
 
 echo "$NAME: $N processes x $DEVICES CPU devices, coordinator 127.0.0.1:$PORT, logs in $LOG_DIR"
 for ((i = 0; i < N; i++)); do
@@ -131,7 +143,11 @@ while [[ ${#DONE[@]} -lt $N ]]; do
     kill -0 "${PIDS[$i]}" 2>/dev/null && continue
     rc=0; wait "${PIDS[$i]}" || rc=$?
     DONE[$i]=$rc
-    if [[ $rc -ne 0 && $STATUS -eq 0 ]]; then
+    if [[ $rc -eq 143 && $STATUS -eq 0 ]]; then
+      # Saved after a preemption notice; the others stop at the same step by themselves.
+      STATUS=143
+      echo "$NAME: process $i stopped after a preemption notice (exit 143)" >&2
+    elif [[ $rc -ne 0 && $rc -ne 143 && ( $STATUS -eq 0 || $STATUS -eq 143 ) ]]; then
       STATUS=$rc
       echo "$NAME: process $i failed (exit $rc); stopping the others. Its log" \
            "($LOG_DIR/process_$i.log) ends with:" >&2
@@ -139,7 +155,8 @@ while [[ ${#DONE[@]} -lt $N ]]; do
       stop_all
     fi
   done
-  if [[ $TIMEOUT -gt 0 && $SECONDS -ge $TIMEOUT && $STATUS -eq 0 && ${#DONE[@]} -lt $N ]]; then
+  if [[ $TIMEOUT -gt 0 && $SECONDS -ge $TIMEOUT && ( $STATUS -eq 0 || $STATUS -eq 143 )
+        && ${#DONE[@]} -lt $N ]]; then
     echo "$NAME: --timeout=$TIMEOUT s reached; stopping every process" >&2
     STATUS=124
     stop_all

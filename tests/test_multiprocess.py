@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -36,8 +37,9 @@ def _cli_overrides(corpus, **overrides):
   return args + [f"--config.{k.replace('__', '.')}={v}" for k, v in overrides.items()]
 
 
-def launch(n, devices_per_process, args, python=sys.executable):
-  """Runs `launch/multiprocess.sh n ... args`; returns its stdout."""
+def start(n, devices_per_process, args, python=sys.executable):
+  """Starts `launch/multiprocess.sh n ... args` in a session of its own; returns the
+  Popen (stdout and stderr piped)."""
   env = dict(os.environ, PYTHON=python, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if "xla_force_host_platform_device_count" not in f)
@@ -45,17 +47,25 @@ def launch(n, devices_per_process, args, python=sys.executable):
     del env[name]
   cmd = ["bash", LAUNCHER, str(n), f"--devices_per_process={devices_per_process}",
          f"--timeout={TIMEOUT_S}", *args]
-  # A session of its own: if the launcher hangs past its own timeout, the whole group
-  # (launcher and jax processes) is killed.
-  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+  return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, cwd=REPO, start_new_session=True)
+
+
+def finish(proc, returncode=0):
+  """Waits for a launcher from `start`, checks its exit status; returns its stdout. If it
+  hangs past its own timeout, the whole group (launcher and jax processes) is killed."""
   try:
     stdout, stderr = proc.communicate(timeout=TIMEOUT_S + 30)
   except subprocess.TimeoutExpired:
     os.killpg(proc.pid, signal.SIGKILL)
     stdout, stderr = proc.communicate()
-  assert proc.returncode == 0, f"launcher exit {proc.returncode}:\n{stdout}\n{stderr}"
+  assert proc.returncode == returncode, f"launcher exit {proc.returncode}:\n{stdout}\n{stderr}"
   return stdout
+
+
+def launch(n, devices_per_process, args, python=sys.executable):
+  """Runs `launch/multiprocess.sh n ... args`; returns its stdout."""
+  return finish(start(n, devices_per_process, args, python))
 
 
 def _losses(workdir):
@@ -174,3 +184,52 @@ def test_a_process_compiling_40s_late_does_not_break_the_first_step(tiny_corpus,
                   python=str(python))
   assert "process 0/2" in stdout
   assert [s for s, _ in _losses(workdir)] == [1, 2]
+
+
+def _child_with_env(parent_pid: int, entry: str) -> int | None:
+  """The pid of a child of `parent_pid` whose environment holds `entry` ("NAME=value")."""
+  for name in os.listdir("/proc"):
+    if not name.isdigit():
+      continue
+    try:
+      with open(f"/proc/{name}/stat") as f:
+        parent = int(f.read().rsplit(")", 1)[1].split()[1])
+      with open(f"/proc/{name}/environ", "rb") as f:
+        environ = f.read().split(b"\0")
+    except OSError:   # gone meanwhile
+      continue
+    if parent == parent_pid and entry.encode() in environ:
+      return int(name)
+  return None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the processes through /proc")
+@pytest.mark.parametrize("notified", ["process 1", "launcher"])
+def test_sigterm_saves_the_same_step_on_every_process(notified, tiny_corpus, tmp_path):
+  # A scheduler may warn one host only (process 1), or the launcher, which passes the
+  # notice on to every process. Either way the run exits 143 (terminated) once saved.
+  workdir = str(tmp_path / "run")
+  # Steps enough to outlast the notice; no periodic checkpoint, no evaluation.
+  overrides = dict(OVERRIDES, train__steps=100_000, train__save_every=100_000,
+                   train__time_budget_s=120.0)
+  proc = start(2, 4, ["train", "--config", "experiments/entropy_tiny.py:runlocal",
+                      "--workdir", workdir, *_cli_overrides(tiny_corpus, **overrides)])
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  notice_after = None
+  deadline = time.monotonic() + TIMEOUT_S
+  while notice_after is None and time.monotonic() < deadline and proc.poll() is None:
+    trained = [s for s, _ in _losses(workdir)] if os.path.exists(metrics_path) else []
+    if trained and max(trained) >= 2:
+      notice_after = max(trained)
+      os.kill(_child_with_env(proc.pid, "BLTJAX_PROCESS_ID=1") if notified == "process 1"
+              else proc.pid, signal.SIGTERM)
+    time.sleep(0.05)
+  stdout = finish(proc, returncode=143)
+  assert notice_after is not None, stdout
+
+  saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))]
+  assert len(saved) == 1 and notice_after <= saved[0] < 100_000
+  assert f"preemption notice (SIGTERM): saved step {saved[0]}" in stdout
+  assert max(s for s, _ in _losses(workdir)) == saved[0]
+  data_state = os.listdir(os.path.join(workdir, "checkpoints", str(saved[0]), "data"))
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_state)

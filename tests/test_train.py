@@ -2,6 +2,9 @@
 
 import json
 import os
+import signal
+import threading
+import time
 
 import jax
 import numpy as np
@@ -63,6 +66,49 @@ def test_time_budget_stops_after_training_time_and_saves_the_last_step(tiny_corp
   last = max(_losses(workdir))
   assert 2 <= last < 100_000
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(last)]
+
+
+def test_sigterm_saves_the_next_step_and_stops_and_the_run_resumes_from_it(tiny_corpus,
+                                                                            tmp_path, capsys):
+  workdir = str(tmp_path / "preempted")
+  # No periodic checkpoint and no evaluation; the time budget only ends a failing run.
+  overrides = dict(train__steps=100_000, train__time_budget_s=120.0, train__log_every=1,
+                   train__save_every=100_000, train__eval_every=0, train__eval_batches=1)
+  notice_after = {}
+
+  def send_notice_once_training():   # a scheduler's preemption notice, mid-run
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+      trained = _losses(workdir) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) \
+          else {}
+      if trained and max(trained) >= 2:
+        notice_after["step"] = max(trained)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.05)
+
+  handler_before = signal.getsignal(signal.SIGTERM)
+  notifier = threading.Thread(target=send_notice_once_training, daemon=True)
+  notifier.start()
+  with pytest.raises(train.TrainingPreempted, match="re-run the same command") as info:
+    train_on_one_device(tiny_entropy_config(tiny_corpus, **overrides), workdir)
+  notifier.join(timeout=10)
+
+  saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))]
+  assert saved == [info.value.step] and notice_after["step"] <= info.value.step < 100_000
+  assert max(_losses(workdir)) == info.value.step      # stopped at the step it saved
+  assert f"saved step {info.value.step} in" in str(info.value)
+  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert not [r for r in rows if "valid/bpb" in r]     # no evaluation in the grace period
+  assert signal.getsignal(signal.SIGTERM) == handler_before
+  capsys.readouterr()
+
+  # The same command resumes from the saved step.
+  train_on_one_device(tiny_entropy_config(tiny_corpus, **dict(overrides,
+                                                               train__steps=saved[0] + 1)),
+                      workdir)
+  assert f"resuming at step {saved[0]}" in capsys.readouterr().out
+  assert max(_losses(workdir)) == saved[0] + 1
 
 
 def test_steps_compiled_ahead_are_the_executables_the_steps_run(tiny_corpus, tmp_path,
