@@ -233,6 +233,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(dict(
       steps=1000,
       batch_size=16,                 # global batch (rows)
+      grad_accum_steps=1,            # microbatches per step: gradients summed in a scan
+                                     # (activation memory of batch_size / this)
       seq_len=512,                   # bytes per row
       log_every=10,
       eval_every=200,                # 0: only at the end

@@ -120,18 +120,36 @@ def batch_shards(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def check_batch(global_batch: int, mesh: Mesh) -> None:
-  """The global batch must split evenly over the batch shards and the processes."""
+def check_batch(global_batch: int, mesh: Mesh, microbatches: int = 1) -> None:
+  """The global batch must split evenly over the batch shards and the processes, and
+  each of its `microbatches` over the batch shards."""
   shards = batch_shards(mesh)
   if global_batch % shards:
     raise ShardingError(
         f"train.batch_size={global_batch} does not divide over {shards} batch shards "
         f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); use a multiple "
         f"of {shards}")
+  if microbatches < 1 or global_batch % (microbatches * shards):
+    raise ShardingError(
+        f"train.grad_accum_steps={microbatches} does not split train.batch_size="
+        f"{global_batch} into microbatches that divide over {shards} batch shards; use a "
+        f"divisor of {global_batch // shards} (batch_size / (data x fsdp))")
   if global_batch % jax.process_count():
     raise ShardingError(
         f"train.batch_size={global_batch} does not divide over {jax.process_count()} "
         "processes; use a multiple of the process count")
+
+
+def split_microbatches(batch, microbatches: int, mesh: Mesh):
+  """`[batch, ...]` arrays -> `[microbatches, batch / microbatches, ...]`, microbatch j
+  holding rows j, j + microbatches, ...: every batch shard keeps its own rows, so each
+  microbatch is split over all the batch shards (call under jit)."""
+  def split(x):
+    rows = x.shape[0] // microbatches
+    x = x.reshape((rows, microbatches) + x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"))))
+  return jax.tree.map(split, batch)
 
 
 def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -109,7 +109,7 @@ class Trainer:
       raise configs.ConfigError("config.train needs steps >= 1, batch_size >= 1, seq_len >= 2")
     # --- Mesh -------------------------------------------------------------------------
     self.mesh = sharding.make_mesh(config.mesh, devices)
-    sharding.check_batch(tcfg.batch_size, self.mesh)
+    sharding.check_batch(tcfg.batch_size, self.mesh, tcfg.grad_accum_steps)
     # --- Model & optimizer ------------------------------------------------------------
     self.objective = objectives.make_objective(config)
     self.optimizer, self.schedule = make_optimizer(config.optim, tcfg.steps)
@@ -191,14 +191,40 @@ class Trainer:
 
   def _train_step(self, state: TrainState, batch, frozen):
     rng, step_rng = jax.random.split(state.rng)
-    grad_fn = jax.value_and_grad(self.objective.loss, has_aux=True)
-    (loss, metrics), grads = grad_fn(state.params, batch, step_rng, frozen)
+    (loss, metrics), grads = self._loss_and_grads(state.params, batch, step_rng, frozen)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
                    lr=self.schedule(state.step))
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new_state, metrics
+
+  def _loss_and_grads(self, params, batch, rng, frozen):
+    """((loss, metrics), grads) of the global batch; with `train.grad_accum_steps` k > 1,
+    their mean over k microbatches, which run one after another (a scan: the activations
+    of one microbatch at a time), microbatch j drawing its noise from `fold_in(rng, j)`.
+
+    Each microbatch's loss is normalised by its own counts (target bytes, MASK
+    positions), so the mean equals the whole batch's loss when the microbatches hold
+    equal counts (packed rows of next-byte CE), and is close to it otherwise."""
+    grad_fn = jax.value_and_grad(self.objective.loss, has_aux=True)
+    microbatches = self.config.train.grad_accum_steps
+    if microbatches == 1:
+      return grad_fn(params, batch, rng, frozen)
+    split = sharding.split_microbatches(batch, microbatches, self.mesh)
+
+    def add_microbatch(total, index_and_batch):
+      index, micro = index_and_batch
+      out = grad_fn(params, micro, jax.random.fold_in(rng, index), frozen)
+      return jax.tree.map(lambda a, b: a + b / microbatches, total, out), None
+
+    shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], split), rng, frozen)
+    (loss, metrics), grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    # The summed gradients are sharded like the params (not replicated: FSDP memory).
+    grads = jax.lax.with_sharding_constraint(grads, self.param_shardings)
+    zeros = ((loss, metrics), grads)
+    total, _ = jax.lax.scan(add_microbatch, zeros, (jnp.arange(microbatches), split))
+    return total
 
   def evaluate(self, params, max_batches: int | None = None, *,
                data_cfg: ml_collections.ConfigDict | None = None) -> dict[str, float]:

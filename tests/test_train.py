@@ -10,13 +10,14 @@ import jax
 import numpy as np
 import pytest
 
+from bltjax import bytes as bytes_lib
 from bltjax import checkpoint
 from bltjax import configs
 from bltjax import data as data_lib
 from bltjax import metrics
 from bltjax import sharding
 from bltjax import train
-from conftest import tiny_entropy_config, train_on_one_device
+from conftest import tiny_blt_config, tiny_entropy_config, train_on_one_device
 
 
 def _losses(workdir):
@@ -109,6 +110,53 @@ def test_sigterm_saves_the_next_step_and_stops_and_the_run_resumes_from_it(tiny_
                       workdir)
   assert f"resuming at step {saved[0]}" in capsys.readouterr().out
   assert max(_losses(workdir)) == saved[0] + 1
+
+
+def _one_step(config, batch):
+  """(metrics, optimizer state) after one train step from the config's initial params on
+  the 8 test devices. (The first step's learning rate is 0: its gradient is in the Adam
+  moments, not yet in the params.)"""
+  trainer = train.Trainer(config, workdir="unused")
+  state = trainer.init_state(jax.random.PRNGKey(config.seed))
+  state, step_metrics = trainer.train_step(state, sharding.make_global_batch(
+      batch, trainer.mesh), trainer.frozen)
+  return jax.device_get(step_metrics), jax.device_get(state.opt_state)
+
+
+def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tiny_corpus):
+  config = tiny_entropy_config(tiny_corpus, train__batch_size=32)
+  batch = data_lib.train_dataset(config.data, seq_len=config.train.seq_len, global_batch=32,
+                                 seed=config.seed)[0]
+  # Microbatch j holds rows j, j + k, ...: equal target counts make the mean of the
+  # microbatch losses the whole batch's loss (packed rows: every row is full).
+  assert (batch["targets"] != bytes_lib.PAD_ID).all()
+  whole_metrics, whole_moments = _one_step(config, batch)
+  for microbatches in (2, 4):
+    config.train.grad_accum_steps = microbatches
+    step_metrics, moments = _one_step(config, batch)
+    for name in ("loss", "grad_norm"):
+      np.testing.assert_allclose(step_metrics[name], whole_metrics[name], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9),
+                 moments, whole_moments)
+
+
+def test_gradient_accumulation_trains_blt_d_with_its_own_noise_per_microbatch(tiny_corpus,
+                                                                              tmp_path):
+  config = tiny_blt_config(tiny_corpus, "static,bltd4", train__steps=2, train__batch_size=4,
+                           train__grad_accum_steps=2, train__eval_every=0,
+                           train__eval_batches=1, train__log_every=1)
+  train_on_one_device(config, str(tmp_path / "bltd"))
+  rows = metrics.read_jsonl(str(tmp_path / "bltd" / "metrics.jsonl"))
+  trained = [r for r in rows if "train/loss" in r]
+  assert [r["step"] for r in trained] == [1, 2]
+  assert all(np.isfinite(r["train/loss"]) and r["train/masked_ce_b4"] > 0 for r in trained)
+
+
+def test_microbatches_that_do_not_split_over_the_devices_are_refused(tiny_corpus):
+  # 16 rows over 8 batch shards: 2 microbatches of 8 rows fit, 4 of 4 rows do not.
+  config = tiny_entropy_config(tiny_corpus, train__batch_size=16, train__grad_accum_steps=4)
+  with pytest.raises(sharding.ShardingError, match="grad_accum_steps=4 .* divisor of 2"):
+    train.Trainer(config, workdir="unused")
 
 
 def test_steps_compiled_ahead_are_the_executables_the_steps_run(tiny_corpus, tmp_path,
