@@ -245,6 +245,9 @@ def base_config() -> ml_collections.ConfigDict:
       init_params_from="",           # a workdir or converted model dir: start from its params
       time_budget_s=0.0,             # stop (and save) after this much training (first step
                                      # and its compilation not counted); 0: off
+      profile_steps=0,               # jax.profiler trace of this many steps into
+                                     # <workdir>/profile (TensorBoard); 0: off
+      profile_skip=2,                # steps of a run before the traced ones
   ))
 
   config.optim = ml_collections.ConfigDict(dict(

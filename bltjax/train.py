@@ -31,6 +31,7 @@ from bltjax import losses
 from bltjax import metrics as metrics_lib
 from bltjax import objectives
 from bltjax import preemption
+from bltjax import profiling
 from bltjax import sharding
 
 
@@ -107,6 +108,8 @@ class Trainer:
     tcfg = config.train
     if tcfg.steps < 1 or tcfg.batch_size < 1 or tcfg.seq_len < 2:
       raise configs.ConfigError("config.train needs steps >= 1, batch_size >= 1, seq_len >= 2")
+    if tcfg.profile_steps < 0 or tcfg.profile_skip < 0:
+      raise configs.ConfigError("config.train.profile_steps and profile_skip must be >= 0")
     # --- Mesh -------------------------------------------------------------------------
     self.mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch(tcfg.batch_size, self.mesh, tcfg.grad_accum_steps)
@@ -334,14 +337,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
   # The time budget counts training from the end of the first step: not the compilation
   # (compile_steps, minutes on a GPU), nor the first run's one-time setup (collectives).
   run_start = None
+  profiler = profiling.StepProfiler(workdir, start_step + tcfg.profile_skip, tcfg.profile_steps)
   try:
     with preemption.PreemptionWatch() as preemption_watch:
       for step in range(start_step, tcfg.steps):
         batch = sharding.make_global_batch(next(data_iter), trainer.mesh)
+        profiler.before_step(step)
         state, step_metrics = trainer.train_step(state, batch, trainer.frozen)
         pending.append(step_metrics)
         done = step + 1
         writer.advance()
+        if profiled := profiler.after_step(done, state):
+          writer.print(profiled)
         if window_start_time is None:  # the first step (one-time setup): not timed
           jax.block_until_ready(state.step)
           window_start_time, window_steps = time.perf_counter(), 0
@@ -384,6 +391,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
         eval_metrics = trainer.evaluate(state.params, tcfg.eval_batches or None)
         writer.write(start_step, eval_metrics, prefix="valid")
   finally:
+    profiler.close()
     ckpt.close()
     writer.close()
   return eval_metrics

@@ -203,6 +203,17 @@ def test_workdir_saved_before_a_config_key_existed_still_resumes_and_loads(tiny_
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "2"
 
 
+def test_profile_steps_write_a_trace_of_those_steps(tiny_corpus, tmp_path, capsys):
+  workdir = tmp_path / "profiled"
+  config = tiny_entropy_config(tiny_corpus, train__steps=4, train__profile_steps=2,
+                               train__profile_skip=1, train__eval_every=0,
+                               train__eval_batches=1)
+  train_on_one_device(config, str(workdir))
+  traces = list((workdir / "profile").glob("plugins/profile/*/*.xplane.pb"))
+  assert len(traces) == 1 and b"jit__train_step" in traces[0].read_bytes()
+  assert f"profile of steps 2..3 written to {workdir / 'profile'}" in capsys.readouterr().out
+
+
 def test_workdir_records_config_metrics_and_tensorboard(tiny_corpus, tmp_path):
   workdir = str(tmp_path / "run")
   result = train_on_one_device(tiny_entropy_config(tiny_corpus), workdir)
