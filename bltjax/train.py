@@ -314,6 +314,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
       f"{trainer.mesh.size} devices ({jax.devices()[0].device_kind}), mesh "
       f"{dict(trainer.mesh.shape)}, {n_params / 1e6:.2f}M params, workdir {workdir}, "
       + (f"resuming at step {start_step}" if start_step else "starting at step 0"))
+  if mixture := data_lib.mixture_rows(config.data, tcfg.batch_size):
+    writer.print(f"data mixture: {' + '.join(map(str, mixture))} rows of each "
+                 f"{tcfg.batch_size}-row batch from the sources of data.train")
   trainer.compile_steps(train_step=start_step < tcfg.steps)
   peak = flops.peak_flops(jax.devices()[0].device_kind)
   step_flops = trainer.objective.train_flops(tcfg.batch_size, tcfg.seq_len)

@@ -239,6 +239,55 @@ def test_eval_batches_cover_every_row_once_in_order(tmp_path, process_count):
 # ----------------------------------------------------------------------------- splits
 
 
+def _mixture_config(tmp_path, weights="3,1", **overrides):
+  """Two sources: 40 documents of 'a' bytes and 40 of 'b' bytes (one row each)."""
+  a = write_text_corpus(tmp_path / "a", [b"a" * 6] * 40)
+  b = write_text_corpus(tmp_path / "b", [b"b" * 6] * 40)
+  return data_config(train=f"{a}; {b}", train_weights=weights, **overrides)
+
+
+def test_a_mixture_gives_each_source_its_share_of_every_batch(tmp_path):
+  config = _mixture_config(tmp_path)
+  dataset = data.train_dataset(config, seq_len=8, global_batch=8, seed=0)
+  a, b = vocab.OFFSET + ord("a"), vocab.OFFSET + ord("b")
+  for step in range(12):   # past the end of source a's first epoch (39 rows, 6 a step)
+    inputs = dataset[step]["inputs"]
+    from_a = (inputs == a).any(axis=1)
+    assert from_a.sum() == 6 and (inputs[~from_a] == b).any(axis=1).all()
+    assert not ((inputs == a).any(axis=1) & (inputs == b).any(axis=1)).any()
+  # Same steps, same batches (a pure function of the step); 2 processes split them.
+  again = data.train_dataset(config, seq_len=8, global_batch=8, seed=0)
+  halves = [data.train_dataset(config, seq_len=8, global_batch=8, seed=0, process_index=p,
+                               process_count=2) for p in range(2)]
+  for step in (0, 11):
+    assert_batches_equal(again[step], dataset[step])
+    for key in KEYS:
+      np.testing.assert_array_equal(
+          np.concatenate([h[step][key] for h in halves]), dataset[step][key])
+
+
+def test_a_mixture_holds_out_validation_documents_of_each_source(tmp_path):
+  config = _mixture_config(tmp_path, valid_fraction=0.1)
+  valid = data.split_source(config, "valid")
+  texts = {valid.document(i)[:1] for i in range(len(valid))}
+  assert texts == {b"a", b"b"}
+  train = data.split_sources(config, "train")
+  assert len(train) == 2 and len(train[0]) + len(train[1]) + len(valid) == 80
+
+
+@pytest.mark.parametrize("weights, error", [
+    ("", "2 sources separated by ';'.*train_weights"),
+    ("1,2,3", "3 weights for 2 source"),
+    ("1,0", "every weight must be > 0"),
+    ("1,x", "comma-separated numbers"),
+    ("99,1", "gets no row of a 8-row batch"),
+])
+def test_bad_mixture_weights_are_refused_with_the_fix(tmp_path, weights, error):
+  with pytest.raises(data.DataError, match=error):
+    data.train_dataset(_mixture_config(tmp_path, weights=weights), seq_len=8,
+                       global_batch=8, seed=0)
+
+
 def test_held_out_validation_documents_are_excluded_from_training(tmp_path):
   documents = [f"document {i}\n".encode() for i in range(200)]
   config = data_config(train=write_text_corpus(tmp_path / "c", documents),
@@ -373,8 +422,8 @@ def test_errors_name_the_file_and_the_fix(tmp_path):
 
 def test_default_data_config_keys():
   config = data.default_data_config()
-  assert set(config.keys()) == {"train", "valid", "format", "text_field", "valid_fraction",
-                                "prefetch", "read_threads"}
+  assert set(config.keys()) == {"train", "train_weights", "valid", "format", "text_field",
+                                "valid_fraction", "prefetch", "read_threads"}
   assert config.train == "" and config.format == "auto" and config.text_field == "text"
 
 

@@ -203,6 +203,17 @@ def test_workdir_saved_before_a_config_key_existed_still_resumes_and_loads(tiny_
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "2"
 
 
+def test_a_data_mixture_trains_and_says_how_it_splits_each_batch(tiny_corpus, tmp_path,
+                                                                 capsys):
+  sources = ";".join(os.path.join(tiny_corpus, name) for name in ("argparse.py", "heapq.py"))
+  config = tiny_entropy_config(tiny_corpus, data__train=sources, data__train_weights="3,1",
+                               data__valid=os.path.join(tiny_corpus, "bisect.py"),
+                               train__batch_size=8, train__steps=1, train__eval_batches=1)
+  train_on_one_device(config, str(tmp_path / "mixture"))
+  assert "data mixture: 6 + 2 rows of each 8-row batch" in capsys.readouterr().out
+  assert max(_losses(str(tmp_path / "mixture"))) == 1
+
+
 def test_profile_steps_write_a_trace_of_those_steps(tiny_corpus, tmp_path, capsys):
   workdir = tmp_path / "profiled"
   config = tiny_entropy_config(tiny_corpus, train__steps=4, train__profile_steps=2,

@@ -4,7 +4,9 @@ Training: the rows of one epoch (packing.py) are shuffled by a permutation that 
 on (seed, epoch) only, and epochs follow one another, giving an endless row order. The
 global batch of step s is rows `[s*G, (s+1)*G)` of that order and process p takes rows
 `[p*b, (p+1)*b)` of it, `b = G // process_count`. So the batch of step s is a pure
-function of (seed, s, data): resume is exact, on any number of processes.
+function of (seed, s, data): resume is exact, on any number of processes. A mixture
+(`data.train_weights`) gives each source its own endless order and a fixed share of
+every global batch (`config.rows_per_source`), the sources' rows one after the other.
 
 A batch is a dict of int32 numpy arrays, each `[b, seq_len]`: `inputs`, `targets`,
 `segment_ids` (see packing.py; the loss mask is `targets != PAD_ID`).
@@ -16,20 +18,24 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from typing import Sequence
 
 import grain
 import numpy as np
 from grain.experimental import index_shuffle
 
-from bltjax.data.config import check_data_config
+from bltjax.data.config import (check_data_config, mixture_weights, rows_per_source,
+                                train_specs)
 from bltjax.data.packing import PADDING_ROW, PackedRows
 from bltjax.data.sources import DataError
-from bltjax.data.splits import split_source
+from bltjax.data.splits import split_source, split_sources
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-  """The 32-bit seed of one epoch's permutation, from the run seed and the epoch."""
-  digest = hashlib.sha256(f"bltjax-epoch:{seed}:{epoch}".encode()).digest()
+def epoch_seed(seed: int, epoch: int, source: int = 0) -> int:
+  """The 32-bit seed of one epoch's permutation of a source's rows, from the run seed,
+  the epoch and the source's index in a mixture."""
+  key = f"bltjax-epoch:{seed}:{epoch}" + (f":{source}" if source else "")
+  digest = hashlib.sha256(key.encode()).digest()
   return int.from_bytes(digest[:4], "little")
 
 
@@ -45,29 +51,60 @@ def local_batch_size(global_batch: int, process_index: int, process_count: int) 
 
 
 class StepBatch:
-  """Step s -> the process-local batch of step s (a picklable map function)."""
+  """Step s -> the process-local batch of step s (a picklable map function).
 
-  def __init__(self, rows: PackedRows, *, seed: int, global_batch: int,
-               process_index: int, process_count: int):
-    self.rows = rows
+  `rows` is one source's PackedRows, or a mixture's list with `rows_per_source` (the
+  rows each takes in a global batch, default all of it for one source). Each source
+  has its own endless order (epochs reshuffled); the global batch of step s is rows
+  `[s*n_i, (s+1)*n_i)` of source i's order, sources one after the other.
+  """
+
+  def __init__(self, rows: PackedRows | Sequence[PackedRows], *, seed: int,
+               global_batch: int, process_index: int, process_count: int,
+               rows_per_source: Sequence[int] | None = None):
+    self.sources = [rows] if isinstance(rows, PackedRows) else list(rows)
+    self.rows_per_source = list(rows_per_source or [global_batch])
+    if len(self.rows_per_source) != len(self.sources) or sum(self.rows_per_source) != \
+        global_batch:
+      raise DataError(f"rows_per_source {self.rows_per_source} must give each of the "
+                      f"{len(self.sources)} source(s) a share of the {global_batch} rows")
+    for source in self.sources:
+      if source.num_rows == 0:
+        raise DataError("a training source has no documents; check config.data.train")
     self.seed = seed
     self.global_batch = global_batch
     self.local_batch = local_batch_size(global_batch, process_index, process_count)
     self.process_index = process_index
 
+  def source_rows(self, step: int) -> list[tuple[int, int]]:
+    """(source index, packed-row index) of this process's part of step `step`, `[b]`."""
+    global_rows = []
+    for source, (rows, count) in enumerate(zip(self.sources, self.rows_per_source)):
+      for position in range(step * count, (step + 1) * count):
+        epoch, within = divmod(position, rows.num_rows)
+        global_rows.append((source, index_shuffle(
+            within, max_index=rows.num_rows - 1, seed=epoch_seed(self.seed, epoch, source),
+            rounds=4)))
+    first = self.process_index * self.local_batch
+    return global_rows[first:first + self.local_batch]
+
   def row_indices(self, step: int) -> list[int]:
-    """The packed-row indices of this process's part of step `step`, `[b]`."""
-    num_rows = self.rows.num_rows
-    first = step * self.global_batch + self.process_index * self.local_batch
-    indices = []
-    for position in range(first, first + self.local_batch):
-      epoch, within = divmod(position, num_rows)
-      indices.append(index_shuffle(within, max_index=num_rows - 1,
-                                   seed=epoch_seed(self.seed, epoch), rounds=4))
-    return indices
+    """The packed-row indices of this process's part of step `step` (one source), `[b]`."""
+    return [row for _, row in self.source_rows(step)]
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
-    return self.rows.rows(self.row_indices(int(step)))
+    picked = self.source_rows(int(step))   # in source order
+    parts = [self.sources[source].rows([row for s, row in picked if s == source])
+             for source in sorted({s for s, _ in picked})]
+    return parts[0] if len(parts) == 1 else {
+        key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def mixture_rows(data_cfg, global_batch: int) -> list[int] | None:
+  """Rows per global batch of each source of a `data.train` mixture; None for one source."""
+  if len(train_specs(data_cfg)) < 2:
+    return None
+  return rows_per_source(global_batch, mixture_weights(data_cfg))
 
 
 def train_dataset(data_cfg, *, seq_len: int, global_batch: int, seed: int,
@@ -82,9 +119,11 @@ def train_dataset(data_cfg, *, seq_len: int, global_batch: int, seed: int,
     DataError: bad data, or a global batch that process_count does not divide.
   """
   check_data_config(data_cfg)
-  step_batch = StepBatch(PackedRows(split_source(data_cfg, "train"), seq_len), seed=seed,
+  sources = split_sources(data_cfg, "train")
+  counts = mixture_rows(data_cfg, global_batch)
+  step_batch = StepBatch([PackedRows(source, seq_len) for source in sources], seed=seed,
                          global_batch=global_batch, process_index=process_index,
-                         process_count=process_count)
+                         process_count=process_count, rows_per_source=counts)
   return grain.MapDataset.range(sys.maxsize).map(step_batch)
 
 

@@ -6,7 +6,8 @@
 - `data.train` set, `data.valid` = "": the valid split is a held-out `valid_fraction`
   of data.train's documents, picked by a hash of the document's index in data.train
   (stable while the list of documents is unchanged); training skips them. At least one
-  document is held out (and one kept) when data.train has two or more documents.
+  document is held out (and one kept) when data.train has two or more documents. A
+  mixture (sources separated by ";") holds out that fraction of each source.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from bltjax.data import corpus
-from bltjax.data.config import check_data_config
-from bltjax.data.sources import DataError, DocumentSource, Subset, TextFiles, open_source
+from bltjax.data.config import check_data_config, train_specs
+from bltjax.data.sources import (Concatenated, DataError, DocumentSource, Subset, TextFiles,
+                                 open_source)
 
 SPLITS = ("train", "valid")
 
@@ -41,8 +43,10 @@ def held_out_mask(num_docs: int, valid_fraction: float) -> np.ndarray:
   return mask
 
 
-def split_source(data_cfg, split: str) -> DocumentSource:
-  """The documents of `split` ("train" or "valid") under the rules above.
+def split_sources(data_cfg, split: str) -> list[DocumentSource]:
+  """The documents of `split` ("train" or "valid") under the rules above, one source per
+  ";"-separated source of a `data.train` mixture (each holds out its own fraction), or
+  one source.
 
   Raises:
     DataError: bad paths or files, or a valid split with no documents.
@@ -53,7 +57,7 @@ def split_source(data_cfg, split: str) -> DocumentSource:
   read = lambda spec: open_source(spec, format=data_cfg.format,
                                   text_field=data_cfg.text_field)
   if split == "valid" and data_cfg.valid:
-    return read(data_cfg.valid)
+    return [read(data_cfg.valid)]
   if not data_cfg.train:
     files = corpus.default_corpus_files(split, data_cfg.valid_fraction)
     if not files:
@@ -61,16 +65,27 @@ def split_source(data_cfg, split: str) -> DocumentSource:
           f"the default corpus has no {split} files (config.data.valid_fraction="
           f"{data_cfg.valid_fraction}); set config.data.valid_fraction in (0, 1) or "
           "config.data.train/valid")
-    return TextFiles(files)
-  source = read(data_cfg.train)
+    return [TextFiles(files)]
+  sources = [read(spec) for spec in train_specs(data_cfg)]
   if data_cfg.valid:
-    return source
-  held_out = held_out_mask(len(source), data_cfg.valid_fraction)
-  if split == "valid" and not held_out.any():
+    return sources
+  parts = []
+  for source in sources:
+    held_out = held_out_mask(len(source), data_cfg.valid_fraction)
+    if split == "train":
+      parts.append(Subset(source, np.flatnonzero(~held_out)) if held_out.any() else source)
+    elif held_out.any():
+      parts.append(Subset(source, np.flatnonzero(held_out)))
+  if not parts:
     raise DataError(
         f"no validation documents: data.valid is empty and holding out "
-        f"valid_fraction={data_cfg.valid_fraction} of data.train's {len(source)} "
-        "document(s) leaves none; set config.data.valid or config.data.valid_fraction")
-  if not held_out.any():
-    return source
-  return Subset(source, np.flatnonzero(held_out if split == "valid" else ~held_out))
+        f"valid_fraction={data_cfg.valid_fraction} of data.train's "
+        f"{sum(len(s) for s in sources)} document(s) leaves none; set config.data.valid "
+        "or config.data.valid_fraction")
+  return parts
+
+
+def split_source(data_cfg, split: str) -> DocumentSource:
+  """The documents of `split` as one source (a mixture's sources concatenated)."""
+  parts = split_sources(data_cfg, split)
+  return parts[0] if len(parts) == 1 else Concatenated(parts)
