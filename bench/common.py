@@ -59,6 +59,14 @@ def device_name() -> str:
   return device.device_kind
 
 
+def float_list(text: str) -> list[float]:
+  """An argparse type: "0,0.3" -> [0.0, 0.3]."""
+  try:
+    return [float(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: comma-separated numbers") from None
+
+
 def batch_sizes(text: str) -> list[int]:
   """The argparse type of `--batch_sizes`: "1,8" -> [1, 8]."""
   try:

@@ -19,6 +19,7 @@ long.
   python bench/generation.py --workdir runs/bench/bltd8            # after train_bench_model.sh
   python bench/generation.py --workdir runs/bench/bltd8 --quick    # a smoke run
   python bench/generation.py --workdir runs/bench/bltd8 --temperature 1.0   # sampled
+  python bench/generation.py --workdir runs/bench/bltd8 --quick --blt_d_alphas 0,0.3,0.5
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def main(argv=None):
                       help="timings per setting, interleaved across settings; the fastest "
                            "counts (the first is the quality run)")
   parser.add_argument("--quick", action="store_true", help="a few settings only")
+  parser.add_argument("--blt_d_alphas", type=common.float_list, default=(),
+                      help="also BLT-D-8 at these alphas (e.g. 0,0.3: its speed/quality "
+                           "frontier)")
   parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
   parser.add_argument("--top_p", type=float, default=1.0)
   parser.add_argument("--seed", type=int, default=0, help="sampling seed (every method)")
@@ -75,8 +79,11 @@ def main(argv=None):
   items = continuation.make_continuations(
       model.config.data, count=args.prompts, prompt_bytes=args.prompt_bytes,
       continuation_bytes=args.bytes, seed=0)
-  settings = [(label, method, {**options, **sampling})
-              for label, method, options in SETTINGS if not args.quick or label in QUICK]
+  chosen = [s for s in SETTINGS if not args.quick or s[0] in QUICK]
+  chosen += [(f"BLT-D-8 a={alpha:g}", "blt_d", {"block_size": 8, "alpha": alpha})
+             for alpha in args.blt_d_alphas
+             if f"BLT-D-8 a={alpha:g}" not in {label for label, _, _ in chosen}]
+  settings = [(label, method, {**options, **sampling}) for label, method, options in chosen]
   rows = []
   for batch in args.batch_sizes:
     results = []
