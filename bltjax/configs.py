@@ -253,7 +253,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim = ml_collections.ConfigDict(dict(
       lr=3e-3,
       warmup_steps=100,
-      min_lr_ratio=0.1,              # cosine decays to lr * min_lr_ratio
+      schedule="cosine",             # after warmup: cosine | wsd | constant
+      min_lr_ratio=0.1,              # cosine and wsd decay to lr * min_lr_ratio
+      decay_fraction=0.2,            # wsd: the last fraction of train.steps decays
       b1=0.9,
       b2=0.95,
       eps=1e-8,

@@ -58,15 +58,43 @@ class TrainState:
   rng: jax.Array        # PRNG key data, uint32 [2]
 
 
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """The learning rate by step: a linear warmup from 0 over `optim.warmup_steps`, then
+  - "cosine": cosine decay to `lr * min_lr_ratio` at `total_steps`;
+  - "wsd" (warmup-stable-decay): `lr` until the last `decay_fraction` of the steps, then
+    a linear decay to `lr * min_lr_ratio` (a run can be extended from a stable-phase
+    checkpoint with the schedule unchanged until its own decay);
+  - "constant": `lr`.
+  """
+  if optim.schedule not in SCHEDULES:
+    raise configs.ConfigError(f"config.optim.schedule={optim.schedule!r} is not one of "
+                              f"{list(SCHEDULES)}")
+  if not 0.0 <= optim.decay_fraction <= 1.0:
+    raise configs.ConfigError(f"config.optim.decay_fraction={optim.decay_fraction} must be "
+                              "in [0, 1]")
+  warmup, end = optim.warmup_steps, optim.lr * optim.min_lr_ratio
+  if optim.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=optim.lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=end)
+  warm = optax.linear_schedule(0.0, optim.lr, max(warmup, 1))
+  if optim.schedule == "constant":
+    return optax.join_schedules([warm, optax.constant_schedule(optim.lr)], [warmup])
+  decay_start = max(warmup, total_steps - round(optim.decay_fraction * total_steps))
+  decay = optax.linear_schedule(optim.lr, end, max(total_steps - decay_start, 1))
+  return optax.join_schedules([warm, optax.constant_schedule(optim.lr), decay],
+                              [warmup, decay_start])
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
-  """AdamW with linear warmup + cosine decay and global-norm clipping.
+  """AdamW on the learning rate of `make_schedule`, with global-norm clipping.
 
   Weight decay applies to matrices only (not norms' scales).
   """
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim.lr, warmup_steps=optim.warmup_steps,
-      decay_steps=max(total_steps, optim.warmup_steps + 1),
-      end_value=optim.lr * optim.min_lr_ratio)
+  schedule = make_schedule(optim, total_steps)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                       weight_decay=optim.weight_decay, mask=decay_mask)

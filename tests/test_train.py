@@ -112,6 +112,25 @@ def test_sigterm_saves_the_next_step_and_stops_and_the_run_resumes_from_it(tiny_
   assert max(_losses(workdir)) == saved[0] + 1
 
 
+def test_learning_rate_schedules_warm_up_then_hold_or_decay():
+  optim = configs.base_config().optim
+  optim.update(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2)
+  rates = lambda steps: [float(schedule(s)) for s in steps]
+  optim.schedule = "wsd"     # warmup, stable until step 80 of 100, linear decay to 0.1
+  schedule = train.make_schedule(optim, total_steps=100)
+  np.testing.assert_allclose(rates([0, 5, 10, 50, 80, 90, 100]),
+                             [0, 0.5, 1, 1, 1, 0.55, 0.1], atol=1e-6)
+  optim.schedule = "constant"
+  schedule = train.make_schedule(optim, total_steps=100)
+  np.testing.assert_allclose(rates([5, 10, 100]), [0.5, 1, 1], atol=1e-6)
+  optim.schedule = "cosine"  # halfway through the decay: halfway between 1 and 0.1
+  schedule = train.make_schedule(optim, total_steps=110)
+  np.testing.assert_allclose(rates([5, 10, 60, 110]), [0.5, 1, 0.55, 0.1], atol=1e-6)
+  optim.schedule = "linear"
+  with pytest.raises(configs.ConfigError, match="schedule='linear' is not one of"):
+    train.make_schedule(optim, total_steps=100)
+
+
 def _one_step(config, batch):
   """(metrics, optimizer state) after one train step from the config's initial params on
   the 8 test devices. (The first step's learning rate is 0: its gradient is in the Adam
