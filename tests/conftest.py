@@ -117,6 +117,19 @@ def tiny_blt_config(corpus: str, variant: str = "static", **overrides):
   return config
 
 
+def logged_train_steps(workdir) -> list[int]:
+  """Steps of the train rows a running job has logged to `<workdir>/metrics.jsonl` so far
+  (complete lines only: the last one may be half written)."""
+  import json  # pylint: disable=g-import-not-at-top
+  try:
+    with open(os.path.join(str(workdir), "metrics.jsonl"), encoding="utf-8") as f:
+      lines = [line for line in f if line.endswith("\n")]
+  except FileNotFoundError:
+    return []
+  rows = [json.loads(line) for line in lines if line.strip()]
+  return [row["step"] for row in rows if "train/loss" in row]
+
+
 def train_on_one_device(config, workdir):
   """`bltjax.train.train` on a 1-device mesh (tests of sharding use all 8 devices)."""
   import jax  # pylint: disable=g-import-not-at-top,redefined-outer-name

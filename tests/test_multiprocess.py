@@ -20,7 +20,7 @@ import pytest
 from bltjax import evaluate
 from bltjax import metrics
 from bltjax import train
-from conftest import REPO, tiny_entropy_config
+from conftest import REPO, logged_train_steps, tiny_entropy_config
 
 pytestmark = pytest.mark.multiprocess
 
@@ -214,11 +214,10 @@ def test_sigterm_saves_the_same_step_on_every_process(notified, tiny_corpus, tmp
                    train__time_budget_s=120.0)
   proc = start(2, 4, ["train", "--config", "experiments/entropy_tiny.py:runlocal",
                       "--workdir", workdir, *_cli_overrides(tiny_corpus, **overrides)])
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
   notice_after = None
   deadline = time.monotonic() + TIMEOUT_S
   while notice_after is None and time.monotonic() < deadline and proc.poll() is None:
-    trained = [s for s, _ in _losses(workdir)] if os.path.exists(metrics_path) else []
+    trained = logged_train_steps(workdir)
     if trained and max(trained) >= 2:
       notice_after = max(trained)
       os.kill(_child_with_env(proc.pid, "BLTJAX_PROCESS_ID=1") if notified == "process 1"

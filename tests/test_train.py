@@ -17,7 +17,8 @@ from bltjax import data as data_lib
 from bltjax import metrics
 from bltjax import sharding
 from bltjax import train
-from conftest import tiny_blt_config, tiny_entropy_config, train_on_one_device
+from conftest import (logged_train_steps, tiny_blt_config, tiny_entropy_config,
+                      train_on_one_device)
 
 
 def _losses(workdir):
@@ -80,8 +81,7 @@ def test_sigterm_saves_the_next_step_and_stops_and_the_run_resumes_from_it(tiny_
   def send_notice_once_training():   # a scheduler's preemption notice, mid-run
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-      trained = _losses(workdir) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) \
-          else {}
+      trained = logged_train_steps(workdir)
       if trained and max(trained) >= 2:
         notice_after["step"] = max(trained)
         os.kill(os.getpid(), signal.SIGTERM)
