@@ -13,6 +13,8 @@ periodic checkpoint.
 - A single process without it: a Python handler sets a flag that the next step reads.
   After the first signal the previous handler is back, so a second SIGTERM stops the
   process at once.
+- Not watched: `jax.distributed` with `jax_enable_preemption_service` off, or a watch
+  entered off the main thread (signal handlers belong to it); SIGTERM acts as usual.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ class PreemptionWatch:
     self._previous = None
 
   def __enter__(self) -> "PreemptionWatch":
-    self._distributed = jax.distributed.is_initialized()
-    if not self._distributed and threading.current_thread() is threading.main_thread():
+    distributed = jax.distributed.is_initialized()
+    # With jax's preemption service turned off, no process can tell the others: unwatched.
+    self._distributed = distributed and jax.config.jax_enable_preemption_service
+    if not distributed and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(self.signum, self._on_signal)
       self._installed = True
     return self
