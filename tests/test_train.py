@@ -142,8 +142,10 @@ def _one_step(config, batch):
   return jax.device_get(step_metrics), jax.device_get(state.opt_state)
 
 
-def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tiny_corpus):
-  config = tiny_entropy_config(tiny_corpus, train__batch_size=32)
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2)])   # (data, fsdp, tensor)
+def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tiny_corpus, mesh):
+  config = tiny_entropy_config(tiny_corpus, train__batch_size=32, mesh__data=mesh[0],
+                               mesh__fsdp=mesh[1], mesh__tensor=mesh[2])
   batch = data_lib.train_dataset(config.data, seq_len=config.train.seq_len, global_batch=32,
                                  seed=config.seed)[0]
   # Microbatch j holds rows j, j + k, ...: equal target counts make the mean of the
