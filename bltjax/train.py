@@ -259,20 +259,34 @@ class Trainer:
 
   def evaluate(self, params, max_batches: int | None = None, *,
                data_cfg: ml_collections.ConfigDict | None = None) -> dict[str, float]:
-    """Bits per byte of the validation split (all of it, or `max_batches` batches).
+    """Bits per byte of the validation split (all of it, or `max_batches` batches); for
+    a `data.train` mixture validated on its held-out documents, also each source's
+    (`source_<i>/bpb`, `max_batches` each).
 
     `data_cfg` replaces `config.data` (e.g. `valid` set to another file).
     """
+    data_cfg = data_cfg or self.config.data
     tcfg = self.config.train
-    nats = n_bytes = 0.0
-    for local in data_lib.eval_batches(
-        data_cfg or self.config.data, seq_len=tcfg.seq_len, global_batch=tcfg.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        max_batches=max_batches):
-      sums = self.eval_step(params, sharding.make_global_batch(local, self.mesh), self.frozen)
-      nats += float(sums["nats"])
-      n_bytes += float(sums["bytes"])
-    return {"bpb": nats / max(n_bytes, 1.0) / losses.LN2, "bytes": n_bytes}
+
+    def bpb(source=None):
+      nats = n_bytes = 0.0
+      for local in data_lib.eval_batches(
+          data_cfg, seq_len=tcfg.seq_len, global_batch=tcfg.batch_size,
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          max_batches=max_batches, source=source):
+        sums = self.eval_step(params, sharding.make_global_batch(local, self.mesh),
+                              self.frozen)
+        nats += float(sums["nats"])
+        n_bytes += float(sums["bytes"])
+      return nats / max(n_bytes, 1.0) / losses.LN2, n_bytes
+
+    overall, n_bytes = bpb()
+    metrics = {"bpb": overall, "bytes": n_bytes}
+    sources = data_lib.train_specs(data_cfg)
+    if len(sources) > 1 and not data_cfg.valid:
+      for i in range(len(sources)):
+        metrics[f"source_{i}/bpb"] = bpb(source=i)[0]
+    return metrics
 
 
 def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:

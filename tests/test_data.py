@@ -275,6 +275,15 @@ def test_a_mixture_holds_out_validation_documents_of_each_source(tmp_path):
   assert len(train) == 2 and len(train[0]) + len(train[1]) + len(valid) == 80
 
 
+def test_a_mixture_source_without_validation_documents_is_named(tmp_path):
+  config = _mixture_config(tmp_path)
+  config.train += "; " + write_text_corpus(tmp_path / "c", [b"only one"])
+  config.train_weights = "3,1,1"
+  assert len(data.split_sources(config, "train")) == 3
+  with pytest.raises(data.DataError, match="mixture source '.*c' .*1 document.*data.valid"):
+    data.split_sources(config, "valid")
+
+
 @pytest.mark.parametrize("weights, error", [
     ("", "2 sources separated by ';'.*train_weights"),
     ("1,2,3", "3 weights for 2 source"),

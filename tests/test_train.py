@@ -224,15 +224,18 @@ def test_workdir_saved_before_a_config_key_existed_still_resumes_and_loads(tiny_
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "2"
 
 
-def test_a_data_mixture_trains_and_says_how_it_splits_each_batch(tiny_corpus, tmp_path,
-                                                                 capsys):
-  sources = ";".join(os.path.join(tiny_corpus, name) for name in ("argparse.py", "heapq.py"))
+def test_a_data_mixture_trains_and_validates_each_source(tiny_corpus, tmp_path, capsys):
+  # Two sources of two documents each (each holds one out for validation).
+  names = (("argparse.py", "textwrap.py"), ("heapq.py", "bisect.py"))
+  sources = ";".join(",".join(os.path.join(tiny_corpus, n) for n in pair) for pair in names)
   config = tiny_entropy_config(tiny_corpus, data__train=sources, data__train_weights="3,1",
-                               data__valid=os.path.join(tiny_corpus, "bisect.py"),
-                               train__batch_size=8, train__steps=1, train__eval_batches=1)
-  train_on_one_device(config, str(tmp_path / "mixture"))
+                               data__valid_fraction=0.5, train__batch_size=8,
+                               train__steps=1, train__eval_batches=1)
+  result = train_on_one_device(config, str(tmp_path / "mixture"))
   assert "data mixture: 6 + 2 rows of each 8-row batch" in capsys.readouterr().out
   assert max(_losses(str(tmp_path / "mixture"))) == 1
+  assert {"bpb", "source_0/bpb", "source_1/bpb"} <= set(result)
+  assert result["source_0/bpb"] != result["source_1/bpb"]
 
 
 def test_profile_steps_write_a_trace_of_those_steps(tiny_corpus, tmp_path, capsys):

@@ -45,8 +45,8 @@ def held_out_mask(num_docs: int, valid_fraction: float) -> np.ndarray:
 
 def split_sources(data_cfg, split: str) -> list[DocumentSource]:
   """The documents of `split` ("train" or "valid") under the rules above, one source per
-  ";"-separated source of a `data.train` mixture (each holds out its own fraction), or
-  one source.
+  ";"-separated source of a `data.train` mixture (each holds out its own fraction: the
+  valid split has one per source too, unless `data.valid` replaces it), or one source.
 
   Raises:
     DataError: bad paths or files, or a valid split with no documents.
@@ -66,16 +66,22 @@ def split_sources(data_cfg, split: str) -> list[DocumentSource]:
           f"{data_cfg.valid_fraction}); set config.data.valid_fraction in (0, 1) or "
           "config.data.train/valid")
     return [TextFiles(files)]
-  sources = [read(spec) for spec in train_specs(data_cfg)]
+  specs = train_specs(data_cfg)
+  sources = [read(spec) for spec in specs]
   if data_cfg.valid:
     return sources
   parts = []
-  for source in sources:
+  for spec, source in zip(specs, sources):
     held_out = held_out_mask(len(source), data_cfg.valid_fraction)
     if split == "train":
       parts.append(Subset(source, np.flatnonzero(~held_out)) if held_out.any() else source)
     elif held_out.any():
       parts.append(Subset(source, np.flatnonzero(held_out)))
+    elif len(sources) > 1:   # a mixture's validation covers every source
+      raise DataError(
+          f"mixture source {spec!r} of data.train ({len(source)} document(s)) holds out "
+          f"no validation documents at valid_fraction={data_cfg.valid_fraction}; give it "
+          "two or more documents, or set config.data.valid")
   if not parts:
     raise DataError(
         f"no validation documents: data.valid is empty and holding out "
