@@ -78,15 +78,18 @@ class StepBatch:
 
   def source_rows(self, step: int) -> list[tuple[int, int]]:
     """(source index, packed-row index) of this process's part of step `step`, `[b]`."""
-    global_rows = []
-    for source, (rows, count) in enumerate(zip(self.sources, self.rows_per_source)):
-      for position in range(step * count, (step + 1) * count):
-        epoch, within = divmod(position, rows.num_rows)
-        global_rows.append((source, index_shuffle(
-            within, max_index=rows.num_rows - 1, seed=epoch_seed(self.seed, epoch, source),
-            rounds=4)))
+    first_of_source = np.cumsum([0] + self.rows_per_source)   # in the global batch
+    picked = []
     first = self.process_index * self.local_batch
-    return global_rows[first:first + self.local_batch]
+    for global_row in range(first, first + self.local_batch):
+      source = int(np.searchsorted(first_of_source, global_row, side="right")) - 1
+      rows, count = self.sources[source], self.rows_per_source[source]
+      position = step * count + global_row - int(first_of_source[source])
+      epoch, within = divmod(position, rows.num_rows)
+      picked.append((source, index_shuffle(within, max_index=rows.num_rows - 1,
+                                           seed=epoch_seed(self.seed, epoch, source),
+                                           rounds=4)))
+    return picked
 
   def row_indices(self, step: int) -> list[int]:
     """The packed-row indices of this process's part of step `step` (one source), `[b]`."""
