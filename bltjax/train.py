@@ -247,10 +247,13 @@ class Trainer:
     def add_microbatch(total, index_and_batch):
       index, micro = index_and_batch
       out = grad_fn(params, micro, jax.random.fold_in(rng, index), frozen)
-      return jax.tree.map(lambda a, b: a + b / microbatches, total, out), None
+      return jax.tree.map(lambda a, b: a + b.astype(a.dtype) / microbatches, total, out), None
 
     shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], split), rng, frozen)
-    (loss, metrics), grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    # Means of integer metrics (counts) are fractional: float32.
+    (loss, metrics), grads = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype if jnp.issubdtype(s.dtype, jnp.floating)
+                            else jnp.float32), shapes)
     # The summed gradients are sharded like the params (not replicated: FSDP memory).
     grads = jax.lax.with_sharding_constraint(grads, self.param_shardings)
     zeros = ((loss, metrics), grads)
