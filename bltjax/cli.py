@@ -1,4 +1,4 @@
-"""Command line: `bltjax train|eval|sweep|generate|patch|calibrate|params|convert|demo`.
+"""Command line: `bltjax train|eval|sweep|generate|patch|calibrate|params|convert|export|demo`.
 
 Every command that reads an experiment file takes `--config FILE[:arg]` and any number
 of `--config.section.key=value` overrides. Errors a user can fix are printed as one
@@ -262,6 +262,17 @@ def cmd_convert(args, overrides):
         f"max_patch_len {plan.max_patch_len}")
 
 
+def cmd_export(args, overrides):
+  from bltjax import export  # pylint: disable=g-import-not-at-top
+  if overrides:
+    raise configs.ConfigError("bltjax export takes no --config.* overrides: it writes the "
+                              "model the workdir holds")
+  result = export.export(args.workdir, args.out, step=args.step)
+  print(f"exported step {result.step} of {args.workdir} ({result.tensors} tensors, entropy "
+        f"model inside, threshold {result.plan.threshold}) to {args.out}: "
+        f"{', '.join(result.files)} + config.json (transformers BltForCausalLM)")
+
+
 def cmd_demo(args, overrides):
   from bltjax import demo  # pylint: disable=g-import-not-at-top
   demo.run(args.workdir, steps=args.steps, overrides=overrides)
@@ -382,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--entropy", default=None,
                  help="directory of the entropy model, when --hf does not hold model.patcher.*")
   p.set_defaults(fn=cmd_convert)
+
+  p = sub.add_parser("export", help="write a BLT as a Hugging Face BltForCausalLM checkpoint")
+  p.add_argument("--workdir", required=True,
+                 help="a BLT workdir (or converted model directory) with an entropy model")
+  p.add_argument("--out", required=True, help="new Hugging Face checkpoint directory")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.set_defaults(fn=cmd_export)
 
   p = sub.add_parser("demo", help="the quick-start job: entropy model, BLT-D, generation")
   p.add_argument("--workdir", default="runs/demo")

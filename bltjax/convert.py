@@ -35,6 +35,7 @@ and both use interleaved RoPE pairs, so no permutation); RMSNorm weights become
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -774,6 +775,35 @@ def _check_against_model(config, params, entropy_params) -> None:
                            f"({diff})")
 
 
+def check_new_directory(out_dir: str, error=None) -> None:
+  """Raises `error` (default ConvertError) unless `out_dir` is absent or empty."""
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    raise (error or ConvertError)(f"--out {out_dir} exists and is not an empty directory; "
+                                  "choose a new --out or delete it")
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: str):
+  """Yields a temporary directory next to `out_dir` to write into; it becomes `out_dir`
+  (absent or empty) when the block ends, and is removed if the block raises: a failed
+  write leaves nothing behind."""
+  out_dir = os.path.abspath(out_dir)
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".writing-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is a normal directory
+  try:
+    yield tmp
+    if os.path.isdir(out_dir):
+      os.rmdir(out_dir)  # empty (the caller checked)
+    os.replace(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
 def convert(hf_dir: str, out_dir: str, *, entropy_dir: str | None = None) -> Converted:
   """Converts `hf_dir` (+ `entropy_dir`) into the bltjax model directory `out_dir`.
 
@@ -783,18 +813,9 @@ def convert(hf_dir: str, out_dir: str, *, entropy_dir: str | None = None) -> Con
   """
   from bltjax import checkpoint  # pylint: disable=g-import-not-at-top
   from bltjax import patching  # pylint: disable=g-import-not-at-top
-  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-    raise ConvertError(f"--out {out_dir} exists and is not an empty directory; choose a new "
-                       "--out or delete it")
+  check_new_directory(out_dir)
   converted = convert_arrays(hf_dir, entropy_dir)
-  out_dir = os.path.abspath(out_dir)
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".converting-", dir=parent)
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is a normal directory
-  try:
+  with staged_directory(out_dir) as tmp:
     entropy_out = os.path.join(tmp, ENTROPY_SUBDIR)
     os.makedirs(entropy_out)
     checkpoint.save_params(entropy_out, converted.entropy_params, step=0)
@@ -814,12 +835,6 @@ def convert(hf_dir: str, out_dir: str, *, entropy_dir: str | None = None) -> Con
         tensors=converted.tensors, blt_params=count(converted.params),
         entropy_params=count(converted.entropy_params),
         format="orbax PyTree {'params': ...} at checkpoints/0/state (checkpoint.save_params)"))
-    if os.path.isdir(out_dir):
-      os.rmdir(out_dir)  # empty (checked above)
-    os.replace(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return converted
 
 
