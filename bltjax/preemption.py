@@ -3,8 +3,8 @@
 Cluster schedulers (Slurm `--signal`, Kubernetes, Cloud TPU maintenance events) send
 SIGTERM some time before they kill a job. Inside `PreemptionWatch`, that signal makes
 `reached(step)` true at a step every process agrees on; training then saves that step
-and returns, and re-running the same command resumes from it, instead of from the last
-periodic checkpoint.
+and stops (`train.TrainingPreempted`; the CLI exits 143), and re-running the same
+command resumes from it, instead of from the last periodic checkpoint.
 
 - Under `jax.distributed` (one or many processes): jax's preemption service catches
   SIGTERM on any process and picks the step
