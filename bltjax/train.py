@@ -271,24 +271,24 @@ class Trainer:
     data_cfg = data_cfg or self.config.data
     tcfg = self.config.train
 
-    def bpb(source=None):
+    def bpb(documents):
       nats = n_bytes = 0.0
       for local in data_lib.eval_batches(
           data_cfg, seq_len=tcfg.seq_len, global_batch=tcfg.batch_size,
           process_index=jax.process_index(), process_count=jax.process_count(),
-          max_batches=max_batches, source=source):
+          max_batches=max_batches, documents=documents):
         sums = self.eval_step(params, sharding.make_global_batch(local, self.mesh),
                               self.frozen)
         nats += float(sums["nats"])
         n_bytes += float(sums["bytes"])
       return nats / max(n_bytes, 1.0) / losses.LN2, n_bytes
 
-    overall, n_bytes = bpb()
+    parts = data_lib.split_sources(data_cfg, "valid")   # opened once, for every pass
+    overall, n_bytes = bpb(data_lib.as_one_source(parts))
     metrics = {"bpb": overall, "bytes": n_bytes}
-    sources = data_lib.train_specs(data_cfg)
-    if len(sources) > 1 and not data_cfg.valid:
-      for i in range(len(sources)):
-        metrics[f"source_{i}/bpb"] = bpb(source=i)[0]
+    if len(parts) > 1:   # a mixture validated on each source's held-out documents
+      for i, part in enumerate(parts):
+        metrics[f"source_{i}/bpb"] = bpb(part)[0]
     return metrics
 
 

@@ -27,7 +27,7 @@ from grain.experimental import index_shuffle
 from bltjax.data.config import (check_data_config, mixture_weights, rows_per_source,
                                 train_specs)
 from bltjax.data.packing import PADDING_ROW, PackedRows
-from bltjax.data.sources import DataError
+from bltjax.data.sources import DataError, DocumentSource
 from bltjax.data.splits import split_source, split_sources
 
 
@@ -190,17 +190,18 @@ class EvalBatches:
 
 def eval_batches(data_cfg, *, split: str = "valid", seq_len: int, global_batch: int,
                  process_index: int = 0, process_count: int = 1,
-                 max_batches: int | None = None, source: int | None = None) -> EvalBatches:
+                 max_batches: int | None = None,
+                 documents: DocumentSource | None = None) -> EvalBatches:
   """Process-local batches covering every row of `split` exactly once, in order.
 
   The global batch of eval step s is rows `[s*G, (s+1)*G)` (the last one filled up with
   all-padding rows); process p takes rows `[p*b, (p+1)*b)` of it. `max_batches` stops
-  early. `source`: only that source of a mixture (`split_sources`). Same dict format as
-  `train_dataset`.
+  early. `documents` replaces `split`'s (e.g. one source of a mixture's
+  `split_sources`, opened once by the caller). Same dict format as `train_dataset`.
   """
   check_data_config(data_cfg)
-  documents = (split_source(data_cfg, split) if source is None
-               else split_sources(data_cfg, split)[source])
+  if documents is None:
+    documents = split_source(data_cfg, split)
   rows = PackedRows(documents, seq_len)
   return EvalBatches(rows, global_batch=global_batch, process_index=process_index,
                      process_count=process_count, max_batches=max_batches,

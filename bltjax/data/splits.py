@@ -91,7 +91,11 @@ def split_sources(data_cfg, split: str) -> list[DocumentSource]:
   return parts
 
 
+def as_one_source(parts: list[DocumentSource]) -> DocumentSource:
+  """`split_sources`' parts as one source (a mixture's sources concatenated)."""
+  return parts[0] if len(parts) == 1 else Concatenated(parts)
+
+
 def split_source(data_cfg, split: str) -> DocumentSource:
   """The documents of `split` as one source (a mixture's sources concatenated)."""
-  parts = split_sources(data_cfg, split)
-  return parts[0] if len(parts) == 1 else Concatenated(parts)
+  return as_one_source(split_sources(data_cfg, split))
