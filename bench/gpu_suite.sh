@@ -10,13 +10,12 @@
 #            bash bench/gpu_suite.sh
 #   (device) ... bash bench/gpu_suite.sh gen_train generation   # only these steps
 #
-# Steps, most wanted first: gen_train generation entropy_100m sparse_ffn hf_peer
-# sparse_ffn_train (budgets: 475 s in all; they ran in 437 s on 2026-11-27, before
-# generation unrolled the scanned global stack). Only when named: generation_all (every
+# Steps, most wanted first: gen_train generation range_attention sparse_ffn hf_peer
+# sparse_ffn_train (budgets: 475 s in all). Only when named: generation_all (every
 # generation setting, ~6 min), decode_layers (scanned vs unrolled decoding, ~4 min),
-# fused_projections (q/k/v and gate/up fused vs apart in decoding, ~4 min) and
-# bltd8_400m (its init compile alone outran 60 s on an H200, 2026-11-27): the 8 minutes
-# cannot hold them. Each step has its own time budget;
+# fused_projections (q/k/v and gate/up fused vs apart in decoding, ~4 min), bltd8_400m
+# (its init compile alone outran 60 s on an H200, 2026-11-27) and entropy_100m (recorded
+# on an H200 on 2026-11-27): the 8 minutes cannot hold them. Each step has its own time budget;
 # one that fails or runs out of time is reported (a timed-out step prints every thread's
 # Python stack, so the log says where the time went) and the suite goes on. DRY_RUN=1
 # prints the commands only.
@@ -35,7 +34,7 @@ export GIT_COMMIT=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo
 export XLA_FLAGS=${XLA_FLAGS---xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false}
 [ "${LOG_COMPILES:-0}" = 1 ] && export JAX_LOG_COMPILES=1
 PY=${PYTHON:-python3}
-STEPS=${*:-gen_train generation entropy_100m sparse_ffn hf_peer sparse_ffn_train}
+STEPS=${*:-gen_train generation range_attention sparse_ffn hf_peer sparse_ffn_train}
 GEN_DIR=${GEN_DIR:-/tmp/bltjax_gpu_gen}
 STATUS=0
 
@@ -86,6 +85,9 @@ for step in $STEPS; do
     # slower on an H200 (12.5 ms vs 9.1 ms), which would flatter the kernels.
     sparse_ffn) XLA_FLAGS= run 40 -m pallas_kernels.sparse_ffn.bench --variants sparse,auto \
         --iters 10 ;;
+    # BLT-D training attention over [clean ; noisy]: chunked XLA frames vs the Pallas
+    # range kernel (pallas_kernels/diffusion), fwd and fwd+bwd, numerics checked first.
+    range_attention) XLA_FLAGS= run 40 bench/range_attention.py ;;
     # Issue 4: end-to-end train step of a BLT with relu+L1 global FFNs, pallas vs xla vs dense.
     sparse_ffn_train) run 70 bench/sparse_ffn_train.py --preset gpu --quick --train_seconds 10 \
         --timing_steps 10 --timing_rounds 1 --set train.batch_size=32 \
@@ -102,7 +104,8 @@ for step in $STEPS; do
         --workdir /tmp/bltjax_gpu_hf_peer --hf_python "$PY" --device cuda --batch_sizes 1 \
         --batch1_prompts 2 --methods ar ;;
     *) echo "unknown step '$step' (steps: gen_train generation generation_all decode_layers" \
-            "fused_projections entropy_100m bltd8_400m sparse_ffn sparse_ffn_train hf_peer)"; exit 2 ;;
+            "fused_projections entropy_100m bltd8_400m range_attention sparse_ffn" \
+            "sparse_ffn_train hf_peer)"; exit 2 ;;
   esac
 done
 exit $STATUS

@@ -215,6 +215,10 @@ def base_config() -> ml_collections.ConfigDict:
       eps=1e-3,
       elbo_weight=False,                 # weight masked CE by 1/t
       noisy_embedding="encoder",         # encoder: noisy bytes go through the encoder layers
+      attention_impl="xla",              # [clean ; noisy] attention: xla (chunked frames) |
+                                         # pallas (range-attention kernel, flash over ranges)
+      attention_backend="",              # pallas: "" (the kernel package picks), gpu | tpu | xla
+      attention_interpret=False,         # pallas: kernels in interpret mode (CPU tests)
   ))
 
   config.patcher = ml_collections.ConfigDict(dict(

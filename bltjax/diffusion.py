@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from bltjax import bytes as blt_bytes
 from bltjax import losses
+from bltjax.model import attention
 
 NOISE_MODES = ("per_example", "per_block")
 
@@ -176,6 +177,31 @@ def anchor_blocks_per_chunk(starts, segment_ids, *, block_size: int, chunk: int,
   anchors = jnp.sort(jnp.where(top >= 0.0, index + first, length).astype(jnp.int32), axis=2)
   return _blocks(anchors.reshape(batch, -1), starts, segment_ids, allowed, candidate,
                  block_size)
+
+
+def per_chunk_layout(x, blocks_per_chunk: int):
+  """`[batch, K, B, ...]` per block -> `[batch, n_chunks, A * B, ...]`, the chunk-major
+  noisy layout (K = n_chunks * A): block k's positions at k * B of the flat noisy axis."""
+  b, k, size = x.shape[:3]
+  return x.reshape(b, k // blocks_per_chunk, blocks_per_chunk * size, *x.shape[3:])
+
+
+def chunked_attention_info(blocks: Blocks, segment_ids, *, blocks_per_chunk: int
+                           ) -> attention.NoisyAttentionInfo:
+  """Where the noisy positions of `anchor_blocks_per_chunk`'s blocks sit, for the chunked
+  XLA attention (`attention.CleanNoisySpec`). Each field `[batch, n_chunks, A * B]`."""
+  b, k, size = blocks.in_block.shape
+  length = segment_ids.shape[1]
+  per_position = lambda x: jnp.broadcast_to(x[..., None], x.shape + (size,))
+  chunked = lambda x: per_chunk_layout(x, blocks_per_chunk)
+  block_index = jnp.broadcast_to(jnp.arange(blocks_per_chunk, dtype=jnp.int32)[:, None],
+                                 (b, k // blocks_per_chunk, blocks_per_chunk, size))
+  anchor_segments = jnp.take_along_axis(segment_ids, jnp.minimum(blocks.anchors, length - 1),
+                                        axis=1)
+  return attention.NoisyAttentionInfo(
+      positions=chunked(blocks.positions), anchors=chunked(per_position(blocks.anchors)),
+      blocks=block_index.reshape(b, k // blocks_per_chunk, blocks_per_chunk * size),
+      segment_ids=chunked(per_position(anchor_segments)), valid=chunked(blocks.in_block))
 
 
 def _candidates(starts, segment_ids, allowed, min_offset):

@@ -157,23 +157,21 @@ class BltObjective:
     clean = diffusion.gather_blocks(tokens, blocks)                     # [B, K, Bsz]
     corruption = diffusion.corrupt_blocks(clean, blocks.in_block, rng=noise_rng,
                                           noise=dcfg.noise, eps=dcfg.eps)
-    n_chunks = blocks.anchors.shape[1] // per_chunk
     size = dcfg.block_size
+    chunked = lambda x: diffusion.per_chunk_layout(x, per_chunk)
     per_position = lambda x: jnp.broadcast_to(x[..., None], x.shape + (size,))
-    chunked = lambda x: x.reshape(b, n_chunks, per_chunk * size, *x.shape[3:])
-    block_index = jnp.broadcast_to(
-        jnp.arange(per_chunk, dtype=jnp.int32)[None, None, :, None],
-        (b, n_chunks, per_chunk, size)).reshape(b, n_chunks, per_chunk * size)
-    anchor_segments = jnp.take_along_axis(segment_ids, jnp.minimum(blocks.anchors, length - 1),
-                                          axis=1)
-    info = attention.NoisyAttentionInfo(
-        positions=chunked(blocks.positions), anchors=chunked(per_position(blocks.anchors)),
-        blocks=block_index, segment_ids=chunked(per_position(anchor_segments)),
-        valid=chunked(blocks.in_block))
+    info = diffusion.chunked_attention_info(blocks, segment_ids, blocks_per_chunk=per_chunk)
     hash_ids = (blt.noisy_hash_ids(cfg, tokens, corruption.tokens, blocks.anchors)
                 if cfg.n_hash_tables else jnp.zeros(corruption.tokens.shape + (0,), jnp.int32))
+    ranges = {}
+    if cfg.noisy_attention_impl == "pallas":
+      for stack in ("encoder", "decoder"):
+        ranges[f"{stack}_ranges"] = tuple(diffusion.bltd_attention_ranges(
+            blocks.anchors, blocks.valid, segment_ids, seq_len=length, block_size=size,
+            window=getattr(cfg, stack).window, in_block=blocks.in_block))
     noisy = blt.NoisyInput(tokens=chunked(corruption.tokens), hash_ids=chunked(hash_ids),
-                           read_patch=chunked(per_position(blocks.context_patch)), info=info)
+                           read_patch=chunked(per_position(blocks.context_patch)), info=info,
+                           **ranges)
     return noisy, clean, corruption, blocks
 
   def loss(self, params, batch, rng, frozen=None):

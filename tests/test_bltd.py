@@ -104,20 +104,12 @@ def test_chunked_noisy_attention_equals_the_dense_two_range_mask(window, length)
   blocks = diffusion.anchor_blocks_per_chunk(
       jnp.asarray(starts), jnp.asarray(segments), block_size=size, chunk=chunk,
       blocks_per_chunk=per_chunk, rng=jax.random.PRNGKey(0))
-  n_chunks = blocks.anchors.shape[1] // per_chunk
   total = length + blocks.anchors.shape[1] * size
   q = jnp.asarray(rng.normal(size=(b, total, heads, dim)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(b, total, 1, dim)), jnp.float32)
   v = jnp.asarray(rng.normal(size=(b, total, 1, dim)), jnp.float32)
-  chunked = lambda x: x.reshape(b, n_chunks, per_chunk * size)
-  per_pos = lambda x: jnp.broadcast_to(x[..., None], x.shape + (size,))
-  anchor_seg = jnp.take_along_axis(jnp.asarray(segments), jnp.minimum(blocks.anchors,
-                                                                      length - 1), axis=1)
-  info = attention.NoisyAttentionInfo(
-      positions=chunked(blocks.positions), anchors=chunked(per_pos(blocks.anchors)),
-      blocks=chunked(jnp.broadcast_to(jnp.arange(per_chunk)[None, None, :, None],
-                                      (b, n_chunks, per_chunk, size))),
-      segment_ids=chunked(per_pos(anchor_seg)), valid=chunked(blocks.in_block))
+  info = diffusion.chunked_attention_info(blocks, jnp.asarray(segments),
+                                         blocks_per_chunk=per_chunk)
   positions = jnp.broadcast_to(jnp.arange(length), (b, length))
   spec = attention.CleanNoisySpec(attention.CausalSpec(positions, jnp.asarray(segments),
                                                        window=window), info, chunk=chunk)

@@ -236,16 +236,18 @@ def test_gpu_suite_dry_run_lists_every_benchmark_within_eight_minutes():
 
   default = dry_run()
   commands = " ".join(c for _, c in default)
-  for bench in ("pallas_kernels.sparse_ffn.bench", "train_throughput.py --model entropy_100m",
+  for bench in ("pallas_kernels.sparse_ffn.bench", "range_attention.py",
                 "sparse_ffn_train.py", "blt_bench.py:bltd8,large", "generation.py",
                 "hf_peer.py"):
     assert bench in commands
   assert sum(int(b) for b, _ in default) < 8 * 60
   # too long for the 8 minutes
-  named_only = dry_run("generation_all", "bltd8_400m", "decode_layers", "fused_projections")
+  named_only = dry_run("generation_all", "bltd8_400m", "decode_layers", "fused_projections",
+                       "entropy_100m")
   assert "bltd8_400m" in named_only[1][1] and "--quick" not in named_only[0][1]
   assert "decode_layers.py" in named_only[2][1]
   assert "--compare projections" in named_only[3][1]
+  assert "--model entropy_100m" in named_only[4][1]
   steps = default + named_only
   for _, command in steps:   # every script it names exists
     target = command.split()[1] if command.startswith("-m ") else command.split()[0]

@@ -67,4 +67,7 @@ def blt_config(model: Mapping) -> BltConfig:
       hash_table_size=int(blt["hash_table_size"]),
       hash_functions=int(blt["hash_functions"]),
       noisy_embedding=model["diffusion"]["noisy_embedding"],
+      noisy_attention_impl=model["diffusion"].get("attention_impl", "xla"),
+      noisy_attention_backend=str(model["diffusion"].get("attention_backend", "")),
+      noisy_attention_interpret=bool(model["diffusion"].get("attention_interpret", False)),
   )

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from bltjax.model import attention
 from bltjax.model import cross_attention
 from bltjax.model import hashing
+from bltjax.model import range_attention
 from bltjax.model.blt_config import BltConfig
 from bltjax.model.decoder import LocalDecoder, read_patch_ids
 from bltjax.model.encoder import LocalEncoder
@@ -31,6 +32,11 @@ class NoisyInput(NamedTuple):
   hash_ids: jax.Array                        # [batch, n, M, n_tables] (hash of prefix + block)
   read_patch: jax.Array                      # [batch, n, M] global output each position reads
   info: attention.NoisyAttentionInfo         # positions, anchors, blocks, documents, valid
+  # With `noisy_attention_impl="pallas"`: the key ranges of every `[clean ; noisy]` row
+  # (`diffusion.bltd_attention_ranges`; a0, a1, b0, b1 `[batch, L + n*M]`) for the
+  # encoder's window and the decoder's.
+  encoder_ranges: tuple | None = None
+  decoder_ranges: tuple | None = None
 
 
 def stack_window(cfg: BltConfig) -> int:
@@ -78,6 +84,17 @@ class BLT(nn.Module):
     return hashing.hash_ngram_ids(tokens, ngram_sizes=cfg.ngram_sizes,
                                   table_size=cfg.hash_table_size, n_functions=cfg.hash_functions)
 
+  def _noisy_spec(self, clean_spec, noisy: NoisyInput, ranges, chunk: int):
+    """How a local stack attends over `[clean ; noisy]` (DESIGN §3)."""
+    cfg = self.config
+    if cfg.noisy_attention_impl == "xla":
+      return attention.CleanNoisySpec(clean_spec, noisy.info, chunk=chunk)
+    if ranges is None:
+      raise ValueError("noisy_attention_impl='pallas' needs the NoisyInput's key ranges "
+                       "(objectives.BltObjective.noisy_blocks computes them)")
+    return range_attention.RangeSpec(*ranges, backend=cfg.noisy_attention_backend or None,
+                                     interpret=cfg.noisy_attention_interpret)
+
   def __call__(self, tokens, segment_ids, patches: Patches, noisy: NoisyInput | None = None):
     """tokens, segment_ids `[B, L]` -> (logits `[B, L, 260]`, noisy logits `[B, n*M, 260]`
     or None)."""
@@ -98,8 +115,8 @@ class BLT(nn.Module):
       chunk = attention.noisy_chunk_size(length, stack_window(cfg))
       if cfg.noisy_embedding == "encoder":
         x = jnp.concatenate([x, noisy_x], axis=1)
-        enc_spec = attention.CleanNoisySpec(enc_spec, noisy.info, chunk=chunk)
-      dec_spec = attention.CleanNoisySpec(dec_spec, noisy.info, chunk=chunk)
+        enc_spec = self._noisy_spec(enc_spec, noisy, noisy.encoder_ranges, chunk)
+      dec_spec = self._noisy_spec(dec_spec, noisy, noisy.decoder_ranges, chunk)
       read = jnp.concatenate([read, flat(noisy.read_patch)], axis=1)
     enc_positions = all_positions if x.shape[1] > length else positions
     byte_states, patch_vectors = self.encoder(x, enc_positions, enc_spec, patches.patch_ids,

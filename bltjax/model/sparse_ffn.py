@@ -9,27 +9,24 @@ kernel package's choice unless `options.backend` names one.
 
 The kernels are custom calls XLA cannot partition. Under a mesh of more than one device
 (`jax.set_mesh`, as `bltjax.sharding.use_mesh` does for the trainer) the call runs inside
-`jax.shard_map`:
+`jax.shard_map` (`kernel_sharding`):
 - positions split like the activations (logical axes `batch`, `length`), d_model whole;
 - hidden units split like the weights' `mlp` axis (tensor parallelism: ReLU acts per
   unit, so each shard runs the kernel on its slice of units and the partial outputs (in
   the compute dtype) and statistics are summed over those mesh axes); the weights'
   `embed` axis is gathered.
-The logical axes are read from the flax rules in effect (`bltjax.sharding.RULES` under
-`use_mesh`); without rules nothing is split. A dimension that does not divide its mesh
-axes is not split there (computed redundantly on those devices).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
-import flax.linen as nn
 import jax
 from jax import lax
 from jax.sharding import PartitionSpec as P
+
+from bltjax.model.kernel_sharding import mesh_axes, spec_entry, split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,30 +35,6 @@ class KernelOptions:
   backend: str | None = None        # None: the kernel package picks (gpu | tpu | xla)
   interpret: bool = False           # Pallas interpret mode (CPU tests of the kernels)
   dense_threshold: float | None = 0.5   # None: always the sparse kernels
-
-
-def _mesh_axes(logical: str | None) -> tuple[str, ...]:
-  """Mesh axes a logical axis maps to under the current flax rules (() if none)."""
-  if logical is None:
-    return ()
-  spec = nn.logical_to_mesh_axes((logical,))
-  if spec is None or not len(spec) or spec[0] is None:
-    return ()
-  axes = spec[0]
-  return (axes,) if isinstance(axes, str) else tuple(axes)
-
-
-def _split(dim: int, axes: tuple[str, ...], mesh) -> tuple[str, ...]:
-  """`axes` (those in the mesh) if `dim` divides their size, else () (not split)."""
-  axes = tuple(a for a in axes if a in mesh.axis_names)
-  size = math.prod(mesh.shape[a] for a in axes)
-  return axes if axes and dim % size == 0 else ()
-
-
-def _spec_entry(axes: tuple[str, ...]):
-  if not axes:
-    return None
-  return axes[0] if len(axes) == 1 else axes
 
 
 def _kernel_call(x, w_up, w_down, options: KernelOptions):
@@ -87,11 +60,11 @@ def relu_ffn(x, w_up, w_down, options: KernelOptions = KernelOptions()) -> tuple
     return _kernel_call(x, w_up, w_down, options)
 
   b, length, _ = x.shape
-  batch = _split(b, _mesh_axes("batch"), mesh)
-  seq = _split(length, tuple(a for a in _mesh_axes("length") if a not in batch), mesh)
-  hidden = _split(w_up.shape[1], tuple(a for a in _mesh_axes("mlp") if a not in batch + seq),
+  batch = split(b, mesh_axes("batch"), mesh)
+  seq = split(length, tuple(a for a in mesh_axes("length") if a not in batch), mesh)
+  hidden = split(w_up.shape[1], tuple(a for a in mesh_axes("mlp") if a not in batch + seq),
                   mesh)
-  tokens_spec = (_spec_entry(batch), _spec_entry(seq))
+  tokens_spec = (spec_entry(batch), spec_entry(seq))
   everything = tuple(mesh.axis_names)
 
   def local(x, w_up, w_down):
@@ -107,7 +80,7 @@ def relu_ffn(x, w_up, w_down, options: KernelOptions = KernelOptions()) -> tuple
   # in tests/test_sparse_ffn_model.py.
   return jax.shard_map(
       local, mesh=mesh,
-      in_specs=(P(*tokens_spec, None), P(None, _spec_entry(hidden)),
-                P(_spec_entry(hidden), None)),
+      in_specs=(P(*tokens_spec, None), P(None, spec_entry(hidden)),
+                P(spec_entry(hidden), None)),
       out_specs=(P(*tokens_spec, None), P(*tokens_spec), P(*tokens_spec), P()),
       check_vma=False)(x, w_up, w_down)

@@ -1,0 +1,139 @@
+"""BLT-D training through the range-attention kernel (`model.diffusion.attention_impl =
+"pallas"`): the same loss and gradients as the chunked XLA attention, on one device and
+sharded, and the real kernels lower for GPU and TPU inside the sharded train step.
+
+On CPU the kernels run in interpret mode (`attention_backend = gpu | tpu`,
+`attention_interpret = True`).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bltjax import configs
+from bltjax import objectives
+from bltjax import sharding
+from bltjax import train
+from conftest import tiny_blt_config
+
+
+def _config(tiny_corpus, impl="xla", backend="", interpret=False, mesh=(1, 1, 1)):
+  config = tiny_blt_config(
+      tiny_corpus, "static,bltd4", model__diffusion__blocks_per_chunk=6,
+      patcher__patch_size=3, model__blt__encoder__window=16, model__blt__decoder__window=24,
+      train__batch_size=8, train__seq_len=48)
+  for key, value in (("attention_impl", impl), ("attention_backend", backend),
+                     ("attention_interpret", interpret)):
+    configs.set_value(config, f"model.diffusion.{key}", value)
+  for axis, size in zip(sharding.MESH_AXES, mesh):
+    config.mesh[axis] = size
+  return config
+
+
+def _batch(seed=0, b=8, length=48):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(4, 260, (b, length + 1)).astype(np.int32)
+  segment_ids = np.ones((b, length), np.int32)
+  segment_ids[::2, 30:] = 2
+  segment_ids[1::4, 40:] = 0   # padding
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids}
+
+
+def _loss_and_grads(config, params, batch):
+  objective = objectives.make_objective(config)
+  fn = jax.jit(jax.value_and_grad(
+      lambda p: objective.loss(p, batch, jax.random.PRNGKey(3)), has_aux=True))
+  (loss, metrics), grads = fn(params)
+  return float(loss), jax.device_get(metrics), grads
+
+
+@pytest.fixture(scope="module")
+def xla_run(tiny_corpus):
+  config = _config(tiny_corpus)
+  batch = jax.tree.map(jnp.asarray, _batch())
+  params = nn.meta.unbox(jax.jit(objectives.make_objective(config).init)(
+      jax.random.PRNGKey(1), batch))
+  return params, batch, _loss_and_grads(config, params, batch)
+
+
+@pytest.mark.parametrize("backend", ["gpu", pytest.param("tpu", marks=pytest.mark.slow)])
+def test_kernel_path_equals_the_chunked_xla_path(backend, xla_run, tiny_corpus):
+  params, batch, (loss, metrics, grads) = xla_run
+  config = _config(tiny_corpus, "pallas", backend, True)
+  p_loss, p_metrics, p_grads = _loss_and_grads(config, params, batch)
+  assert metrics["masked_ce_b4"] > 0   # the diffusion term is in the loss
+  np.testing.assert_allclose(p_loss, loss, rtol=1e-5)
+  for key in ("ce", "masked_ce_b4"):
+    np.testing.assert_allclose(p_metrics[key], metrics[key], rtol=1e-5, err_msg=key)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(p_grads)):
+    scale = max(float(jnp.max(jnp.abs(a))), 1e-6)
+    assert float(jnp.max(jnp.abs(a - b))) / scale < 1e-4, jax.tree_util.keystr(path)
+
+
+def _two_steps(trainer):
+  state = trainer.init_state(jax.random.PRNGKey(0))
+  rows = []
+  for seed in range(2):
+    batch = sharding.make_global_batch(_batch(seed), trainer.mesh)
+    state, metrics = trainer.train_step(state, batch, trainer.frozen)
+    rows.append(jax.device_get(metrics))
+  return rows, jax.device_get(state.params)
+
+
+def test_sharded_kernel_step_equals_the_one_device_xla_step(tiny_corpus, tmp_path):
+  """data x fsdp x tensor = 2 x 2 x 2 with the kernel inside shard_map (rows over
+  data+fsdp, heads over tensor) against one device with the chunked XLA attention."""
+  assert jax.device_count() == 8
+  one = train.Trainer(_config(tiny_corpus), str(tmp_path / "one"), devices=jax.devices()[:1])
+  many = train.Trainer(_config(tiny_corpus, "pallas", "gpu", True, mesh=(2, 2, 2)),
+                       str(tmp_path / "many"))
+  rows_one, params_one = _two_steps(one)
+  rows_many, params_many = _two_steps(many)
+  for a, b in zip(rows_one, rows_many):
+    for key in ("loss", "ce", "masked_ce_b4", "grad_norm"):
+      np.testing.assert_allclose(b[key], a[key], rtol=2e-5, err_msg=key)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params_one),
+                          jax.tree.leaves(params_many)):
+    np.testing.assert_allclose(b, a, atol=2e-5, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("backend,platform,custom_call", [
+    ("gpu", "cuda", "triton"), ("tpu", "tpu", "tpu_custom_call")])
+def test_sharded_train_step_lowers_for_the_kernels_platform(backend, platform, custom_call,
+                                                            tiny_corpus, tmp_path):
+  config = _config(tiny_corpus, "pallas", backend, False, mesh=(2, 2, 2))
+  trainer = train.Trainer(config, str(tmp_path))
+  batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                      sharding=trainer.batch_sharding),
+                       train.abstract_batch(8, 48))
+  with sharding.use_mesh(trainer.mesh):
+    text = trainer._jit_train_step.trace(trainer.abstract_state, batch, None).lower(
+        lowering_platforms=(platform,)).as_text()
+  starts = [text.find(m) for m in ("sdy.manual_computation", "SPMDFullToShardShape")]
+  start = min(i for i in starts if i >= 0)   # the shard_map body (Shardy or GSPMD)
+  assert custom_call in text[start:]
+  # encoder (1 layer) + decoder layers, each fwd + dq + dkv
+  n_layers = config.model.blt.encoder.n_layers + config.model.blt.decoder.n_layers
+  assert text.count("range_attention_dkv") >= n_layers
+
+
+def test_unknown_impl_is_named(tiny_corpus):
+  config = _config(tiny_corpus, "flash")
+  with pytest.raises(ValueError, match="noisy_attention_impl 'flash'"):
+    objectives.make_objective(config)
+
+
+def test_benchmark_runs_and_appends_its_table(tmp_path):
+  """bench/range_attention.py --small: the GPU suite's step, in interpret mode."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, REPO)
+  from bench import range_attention as bench  # pylint: disable=g-import-not-at-top
+  results = tmp_path / "RESULTS.md"
+  rows = bench.main(["--small", "--results", str(results)])
+  assert [r[0] for r in rows] == ["fwd", "fwd+bwd"]
+  text = results.read_text()
+  assert "BLT-D range attention" in text and "kernel vs XLA" in text and ": ok." in text
+  assert "interpret mode" in text and "pairs computed" in text
