@@ -10,7 +10,7 @@
 #            bash bench/gpu_suite.sh
 #   (device) ... bash bench/gpu_suite.sh gen_train generation   # only these steps
 #
-# Steps, most wanted first: gen_train generation range_attention sparse_ffn hf_peer
+# Steps, most wanted first: gen_train generation diffusion_kernels sparse_ffn hf_peer
 # sparse_ffn_train (budgets: 475 s in all). Only when named: generation_all (every
 # generation setting, ~6 min), decode_layers (scanned vs unrolled decoding, ~4 min),
 # fused_projections (q/k/v and gate/up fused vs apart in decoding, ~4 min), bltd8_400m
@@ -34,7 +34,7 @@ export GIT_COMMIT=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo
 export XLA_FLAGS=${XLA_FLAGS---xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false}
 [ "${LOG_COMPILES:-0}" = 1 ] && export JAX_LOG_COMPILES=1
 PY=${PYTHON:-python3}
-STEPS=${*:-gen_train generation range_attention sparse_ffn hf_peer sparse_ffn_train}
+STEPS=${*:-gen_train generation diffusion_kernels sparse_ffn hf_peer sparse_ffn_train}
 GEN_DIR=${GEN_DIR:-/tmp/bltjax_gpu_gen}
 STATUS=0
 
@@ -85,9 +85,10 @@ for step in $STEPS; do
     # slower on an H200 (12.5 ms vs 9.1 ms), which would flatter the kernels.
     sparse_ffn) XLA_FLAGS= run 40 -m pallas_kernels.sparse_ffn.bench --variants sparse,auto \
         --iters 10 ;;
-    # BLT-D training attention over [clean ; noisy]: chunked XLA frames vs the Pallas
-    # range kernel (pallas_kernels/diffusion), fwd and fwd+bwd, numerics checked first.
-    range_attention) XLA_FLAGS= run 40 bench/range_attention.py ;;
+    # The BLT-D kernels (pallas_kernels/diffusion), numerics checked first: training
+    # attention over [clean ; noisy], chunked XLA frames vs the range kernel (fwd,
+    # fwd+bwd); one decoder step's unmasking, XLA ops vs the fused kernel.
+    diffusion_kernels) XLA_FLAGS= run 40 bench/diffusion_kernels.py ;;
     # Issue 4: end-to-end train step of a BLT with relu+L1 global FFNs, pallas vs xla vs dense.
     sparse_ffn_train) run 70 bench/sparse_ffn_train.py --preset gpu --quick --train_seconds 10 \
         --timing_steps 10 --timing_rounds 1 --set train.batch_size=32 \
@@ -104,7 +105,7 @@ for step in $STEPS; do
         --workdir /tmp/bltjax_gpu_hf_peer --hf_python "$PY" --device cuda --batch_sizes 1 \
         --batch1_prompts 2 --methods ar ;;
     *) echo "unknown step '$step' (steps: gen_train generation generation_all decode_layers" \
-            "fused_projections entropy_100m bltd8_400m range_attention sparse_ffn" \
+            "fused_projections entropy_100m bltd8_400m diffusion_kernels sparse_ffn" \
             "sparse_ffn_train hf_peer)"; exit 2 ;;
   esac
 done

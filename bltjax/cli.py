@@ -202,7 +202,8 @@ def cmd_generate(args, overrides):
     raise ValueError(f"--repeats={args.repeats} must be >= 0")
   prompts = _read_prompts(args)
   options = {k: getattr(args, k) for k in ("block_size", "alpha", "gamma", "draft_len",
-                                           "block_commit", "gate", "temperature", "top_p")
+                                           "block_commit", "gate", "temperature", "top_p",
+                                           "unmask_impl")
              if getattr(args, k) is not None}
   if args.scanned_layers:
     options["unroll_layers"] = False
@@ -290,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(fn=cmd_train)
 
   from bltjax.generate import METHODS  # pylint: disable=g-import-not-at-top
-  from bltjax.generate.diffusion import BLOCK_COMMITS  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from bltjax.generate.diffusion import BLOCK_COMMITS, UNMASK_IMPLS
   p = sub.add_parser("eval", help="bits per byte of a workdir's latest checkpoint on data, "
                      "and continuation tasks (generate from held-out prompts)")
   p.add_argument("--workdir", required=True, help="workdir of a `bltjax train` run")
@@ -379,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--temperature", type=float, default=None, help="0: greedy (default)")
   p.add_argument("--top_p", type=float, default=None)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--unmask_impl", choices=UNMASK_IMPLS, default=None,
+                 help="BLT-D / BLT-H unmasking: xla (default) or pallas (one fused kernel "
+                 "per decoder step, pallas_kernels/diffusion)")
   p.add_argument("--scanned_layers", action="store_true",
                  help="decode stacks trained with model.scan_layers scanned (default: "
                  "unrolled, faster per byte but slower to compile)")

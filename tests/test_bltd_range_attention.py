@@ -125,15 +125,19 @@ def test_unknown_impl_is_named(tiny_corpus):
     objectives.make_objective(config)
 
 
-def test_benchmark_runs_and_appends_its_table(tmp_path):
-  """bench/range_attention.py --small: the GPU suite's step, in interpret mode."""
+def test_benchmark_runs_and_appends_its_tables(tmp_path):
+  """bench/diffusion_kernels.py --small: the GPU suite's step, in interpret mode."""
   import sys  # pylint: disable=g-import-not-at-top
   from conftest import REPO  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, REPO)
-  from bench import range_attention as bench  # pylint: disable=g-import-not-at-top
+  from bench import diffusion_kernels as bench  # pylint: disable=g-import-not-at-top
   results = tmp_path / "RESULTS.md"
   rows = bench.main(["--small", "--results", str(results)])
-  assert [r[0] for r in rows] == ["fwd", "fwd+bwd"]
+  assert [r[0] for r in rows["range_attention"]] == ["fwd", "fwd+bwd"]
+  assert [r[:2] for r in rows["unmask"]] == [["1", "confidence"], ["1", "entropy_bounded"],
+                                             ["8", "confidence"], ["8", "entropy_bounded"]]
+  assert all(r[-1] == "yes" for r in rows["unmask"])
   text = results.read_text()
   assert "BLT-D range attention" in text and "kernel vs XLA" in text and ": ok." in text
+  assert "BLT-D unmasking step" in text
   assert "interpret mode" in text and "pairs computed" in text

@@ -170,3 +170,26 @@ def test_generating_n_then_m_more_equals_n_plus_m(params):
   rest, _ = _decode(params, patcher_config, prompts=continued_prompts, max_bytes=18,
                     prefill_chunk=8)
   assert [a + b for a, b in zip(first, rest)] == whole
+
+
+@pytest.mark.parametrize("options", [
+    dict(method="blt_d", block_size=4, alpha=0.3),
+    pytest.param(dict(method="blt_d", block_size=8, gamma=0.5, temperature=1.0),
+                 marks=pytest.mark.slow),
+    pytest.param(dict(method="blt_h", block_size=4, gate=0.5), marks=pytest.mark.slow),
+])
+def test_fused_unmasking_kernel_decodes_like_the_xla_rules(options, params):
+  """`unmask_impl="pallas"` (the GPU kernel, interpret mode) emits the same bytes with
+  the same decoder steps and NFE as the XLA unmasking ops."""
+  patcher_config = PATCHERS["entropy_global"]
+  want, want_result = _decode(params, patcher_config, max_bytes=24, **options)
+  got, got_result = _decode(params, patcher_config, max_bytes=24, unmask_impl="pallas",
+                            unmask_backend="gpu", unmask_interpret=True, **options)
+  assert got == want
+  assert jax.device_get(got_result.stats) == jax.device_get(want_result.stats)
+  assert jax.device_get(got_result.nfe) == jax.device_get(want_result.nfe)
+
+
+def test_unknown_unmask_impl_is_named():
+  with pytest.raises(ValueError, match="unmask_impl 'triton' is not one of"):
+    generate.DecodeConfig(method="blt_d", unmask_impl="triton")

@@ -236,7 +236,7 @@ def test_gpu_suite_dry_run_lists_every_benchmark_within_eight_minutes():
 
   default = dry_run()
   commands = " ".join(c for _, c in default)
-  for bench in ("pallas_kernels.sparse_ffn.bench", "range_attention.py",
+  for bench in ("pallas_kernels.sparse_ffn.bench", "diffusion_kernels.py",
                 "sparse_ffn_train.py", "blt_bench.py:bltd8,large", "generation.py",
                 "hf_peer.py"):
     assert bench in commands

@@ -40,10 +40,16 @@ class DecodeConfig:
   unroll_layers: bool = True     # stacks trained with model.scan_layers decode unrolled:
                                  # faster steps, longer compile (see make_engine)
   fuse_projections: bool = True  # q/k/v and gate/up run as one matmul each (see make_engine)
+  unmask_impl: str = "xla"       # BLT-D / BLT-H unmasking: xla | pallas (one fused kernel)
+  unmask_backend: str = ""       # pallas: "" (the kernel package picks), gpu | tpu | xla
+  unmask_interpret: bool = False  # pallas: the kernel in interpret mode (CPU tests)
 
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"method {self.method!r} is not one of {METHODS}")
+    if self.unmask_impl not in diffusion.UNMASK_IMPLS:
+      raise ValueError(f"unmask_impl {self.unmask_impl!r} is not one of "
+                       f"{diffusion.UNMASK_IMPLS}")
     if self.block_commit not in diffusion.BLOCK_COMMITS:
       raise ValueError(f"block_commit {self.block_commit!r} is not one of "
                        f"{diffusion.BLOCK_COMMITS}")
@@ -126,7 +132,9 @@ def decode(engine: Engine, params, prompt_ids, prompt_lengths, config: DecodeCon
       top_p=1.0 if config.top_p >= 1.0 else knobs["top_p"])
   common = dict(max_bytes=config.max_bytes, sampling=sampling, rng=rng)
   rule = diffusion.UnmaskRule(alpha=knobs["alpha"],
-                              gamma=None if config.gamma is None else knobs["gamma"])
+                              gamma=None if config.gamma is None else knobs["gamma"],
+                              impl=config.unmask_impl, backend=config.unmask_backend,
+                              interpret=config.unmask_interpret)
   if config.method == "ar":
     state, out, counts = ar.generate(engine, params, state, logits, **common)
     stats = {}

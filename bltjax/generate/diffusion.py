@@ -28,15 +28,32 @@ from bltjax.generate.engine import Engine, GenState
 BLOCK_COMMITS = ("forced", "last_boundary")
 
 
+UNMASK_IMPLS = ("xla", "pallas")
+
+
 @dataclasses.dataclass(frozen=True)
 class UnmaskRule:
   alpha: float = 0.7            # confidence threshold (Fast BLT uses 0.7)
   gamma: float | None = None    # entropy bound: use the EB rule instead of alpha
+  impl: str = "xla"             # xla | pallas (pallas_kernels.diffusion.unmask_step: fused)
+  backend: str = ""             # pallas: "" (the kernel package picks), gpu | tpu | xla
+  interpret: bool = False       # pallas: the kernel in interpret mode (CPU tests)
 
 
 def reveal_step(logits, block, still_masked, positions, rule: UnmaskRule, rng,
                 sampling: sampling_lib.SamplingConfig):
-  """One unmasking step on `[B, Bk]`: chooses tokens and the positions to reveal."""
+  """One unmasking step on `[B, Bk]`: chooses tokens and the positions to reveal.
+  Returns (block, still_masked)."""
+  if rule.impl == "pallas":
+    # Imported here: generation needs the kernel package only when it is selected.
+    from pallas_kernels import diffusion as kernels  # pylint: disable=g-import-not-at-top
+    tokens = None if sampling.greedy else sampling_lib.choose(logits, positions, rng, sampling)
+    eb = rule.gamma is not None
+    return kernels.unmask_step(
+        logits, block, still_masked, rule.gamma if eb else rule.alpha,
+        rule="entropy_bounded" if eb else "confidence", tokens=tokens,
+        never_ids=sampling_lib.NEVER_IDS, backend=rule.backend or None,
+        interpret=rule.interpret)
   tokens = sampling_lib.choose(logits, positions, rng, sampling)
   logits = sampling_lib.output_logits(logits)
   if rule.gamma is None:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from bltjax import bytes as blt_bytes
 
-_NEVER = (blt_bytes.PAD_ID, blt_bytes.BOS_ID, blt_bytes.MASK_ID)
+NEVER_IDS = (blt_bytes.PAD_ID, blt_bytes.BOS_ID, blt_bytes.MASK_ID)   # never emitted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ class SamplingConfig:
 
 def output_logits(logits):
   """Logits with the ids that are never emitted set to -inf. `[..., V]`."""
-  never = jnp.zeros(logits.shape[-1], bool).at[jnp.array(_NEVER)].set(True)
+  never = jnp.zeros(logits.shape[-1], bool).at[jnp.array(NEVER_IDS)].set(True)
   return jnp.where(never, -jnp.inf, logits.astype(jnp.float32))
 
 

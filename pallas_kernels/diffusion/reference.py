@@ -37,3 +37,54 @@ def range_attention_reference(q, k, v, ranges):
   out = jnp.einsum("bgrqk,bkgd->bqgrd", probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return out.reshape(q.shape).astype(q.dtype)
+
+
+# --------------------------------------------------------------------------- unmasking
+
+RULES = ("confidence", "entropy_bounded")
+
+
+def allowed_log_probs(logits, never_ids):
+  """log-softmax over the ids a block may hold (`never_ids` removed). `[..., V]` f32."""
+  vocab = jnp.arange(logits.shape[-1])
+  never = jnp.isin(vocab, jnp.asarray(never_ids, jnp.int32))
+  return jax.nn.log_softmax(jnp.where(never, -jnp.inf, logits.astype(jnp.float32)), axis=-1)
+
+
+def unmask_reference(logits, block, still_masked, threshold, *, rule: str = "confidence",
+                     tokens=None, never_ids=(0, 1, 3), subtract_max: bool = True):
+  """One BLT-D unmasking step over a block (DESIGN §4), the ground truth of `unmask_step`.
+
+  logits `[R, Bk, V]`; block `[R, Bk]` int32 (MASK where still masked); still_masked
+  `[R, Bk]` bool; threshold: alpha (confidence rule) or gamma (entropy-bounded rule), a
+  scalar or `[R]`; tokens `[R, Bk]` the chosen ids, or None for the argmax of the allowed
+  ids (leftmost on ties).
+  - confidence: reveal every still-masked position whose probability of its token is
+    >= alpha, and always the most confident one (leftmost on ties);
+  - entropy_bounded: sort the still-masked positions by entropy (ascending, leftmost
+    first on ties) and reveal the longest prefix whose entropy sum minus its largest
+    entropy (`subtract_max`; else the plain sum) is <= gamma, at least one.
+  Returns (block with the revealed tokens written, still_masked without them).
+  """
+  logp = allowed_log_probs(logits, never_ids)
+  if tokens is None:
+    tokens = jnp.argmax(logp, axis=-1).astype(jnp.int32)
+  threshold = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), block.shape[:1])[:, None]
+  positions = jnp.arange(block.shape[1])[None]
+  if rule == "confidence":
+    confidence = jnp.exp(jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0])
+    best = jnp.argmax(jnp.where(still_masked, confidence, -1.0), axis=-1)[:, None]
+    reveal = still_masked & ((confidence >= threshold) | (positions == best))
+  elif rule == "entropy_bounded":
+    p = jnp.exp(logp)
+    entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+    order = jnp.argsort(jnp.where(still_masked, entropy, jnp.inf), axis=-1, stable=True)
+    masked = jnp.take_along_axis(still_masked, order, axis=-1)
+    h = jnp.where(masked, jnp.take_along_axis(entropy, order, axis=-1), 0.0)
+    bound = jnp.cumsum(h, axis=-1) - (jax.lax.cummax(h, axis=1) if subtract_max else 0.0)
+    accept = masked & ((positions == 0) | (bound <= threshold))
+    accept = jnp.cumprod(accept.astype(jnp.int32), axis=-1).astype(bool)
+    reveal = jnp.take_along_axis(accept, jnp.argsort(order, axis=-1), axis=-1)
+  else:
+    raise ValueError(f"rule {rule!r} is not one of {RULES}")
+  return jnp.where(reveal, tokens, block), still_masked & ~reveal
