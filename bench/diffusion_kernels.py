@@ -5,7 +5,7 @@ replace, each checked against it first.
     python bench/diffusion_kernels.py --small     # CPU: the kernels in interpret mode
 
 range_attention: BLT-D training attention over `[clean ; noisy blocks]`, the chunked XLA
-  frames (`model.diffusion.attention_impl = "xla"`) vs the range kernel (`"pallas"`),
+  frames (`model.attention.impl = "xla"`) vs the range kernel (`"pallas"`),
   forward and forward+backward. Inputs as BLT-D training builds them: documents of ~1000
   bytes, patch starts every 4.5 bytes on average, window-long chunks with window/4
   blocks (`diffusion.anchor_blocks_per_chunk`, as `objectives.BltObjective.noisy_blocks`).

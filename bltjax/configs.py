@@ -193,6 +193,13 @@ def base_config() -> ml_collections.ConfigDict:
       interpret=False,               # pallas: kernels in interpret mode (CPU tests)
       dense_threshold=0.5,           # pallas: dense matmuls above this occupancy; >= 1: never
   ))
+  config.model.attention = ml_collections.ConfigDict(dict(   # training / scoring attention
+      impl="xla",                    # xla (chunked window frames, dense over patches) |
+                                     # pallas (range-attention kernel: flash over each row's
+                                     # key ranges, BLT-D's [clean ; noisy] included)
+      backend="",                    # pallas: "" (the kernel package picks), gpu | tpu | xla
+      interpret=False,               # pallas: kernels in interpret mode (CPU tests)
+  ))
   config.model.entropy = transformer_section(128, 2, 4, window=512)   # kind "entropy"
   config.model.blt = ml_collections.ConfigDict(dict(                    # kind "blt"
       encoder=transformer_section(128, 1, 4, window=512, rope_theta=500000.0),
@@ -215,10 +222,6 @@ def base_config() -> ml_collections.ConfigDict:
       eps=1e-3,
       elbo_weight=False,                 # weight masked CE by 1/t
       noisy_embedding="encoder",         # encoder: noisy bytes go through the encoder layers
-      attention_impl="xla",              # [clean ; noisy] attention: xla (chunked frames) |
-                                         # pallas (range-attention kernel, flash over ranges)
-      attention_backend="",              # pallas: "" (the kernel package picks), gpu | tpu | xla
-      attention_interpret=False,         # pallas: kernels in interpret mode (CPU tests)
   ))
 
   config.patcher = ml_collections.ConfigDict(dict(

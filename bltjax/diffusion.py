@@ -76,20 +76,6 @@ class Ranges(NamedTuple):
   b1: jax.Array
 
 
-def document_starts(segment_ids):
-  """First position of each position's document. `[batch, len]` -> `[batch, len]` int32.
-
-  Documents are the runs of equal segment ids (packed rows: each document is one
-  contiguous run; a row may begin inside a document, which then starts at 0).
-  """
-  length = segment_ids.shape[1]
-  pos = jnp.arange(length, dtype=jnp.int32)
-  first = jnp.concatenate(
-      [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-      axis=1)
-  return jax.lax.cummax(jnp.where(first, pos[None], 0), axis=1)
-
-
 def _take(x, idx):
   """x `[batch, len]`, idx `[batch, ...]` (clipped into range) -> `[batch, ...]`."""
   flat = jnp.clip(idx, 0, x.shape[1] - 1).reshape(idx.shape[0], -1)
@@ -210,7 +196,7 @@ def _candidates(starts, segment_ids, allowed, min_offset):
     allowed = segment_ids > 0
   pos = jnp.arange(length, dtype=jnp.int32)[None]
   return (starts[:, :length] & allowed
-          & (pos - document_starts(segment_ids) >= min_offset))
+          & (pos - attention.document_starts(segment_ids) >= min_offset))
 
 
 def _blocks(anchors, starts, segment_ids, allowed, candidate, block_size) -> Blocks:
@@ -326,12 +312,8 @@ def bltd_attention_ranges(anchors, valid, segment_ids, *, seq_len: int, block_si
     _, in_block = _block_extent(anchors, valid, segment_ids,
                                 jnp.ones((batch, seq_len), bool), block_size)
   lengths = jnp.sum(in_block, axis=-1, dtype=jnp.int32)
-  doc = document_starts(segment_ids)
-
-  t = jnp.arange(seq_len, dtype=jnp.int32)[None]
-  clean_a0 = jnp.maximum(doc, t - window + 1) if window else doc
-  clean_a1 = jnp.broadcast_to(t + 1, (batch, seq_len))
-  clean_b = jnp.zeros((batch, seq_len), jnp.int32)
+  doc = attention.document_starts(segment_ids)
+  clean_a0, clean_a1, clean_b, _ = attention.causal_ranges(segment_ids, window=window)
 
   j = jnp.arange(block_size, dtype=jnp.int32)
   s = anchors[:, :, None]                                     # [batch, K, 1]

@@ -164,8 +164,8 @@ class BltObjective:
     hash_ids = (blt.noisy_hash_ids(cfg, tokens, corruption.tokens, blocks.anchors)
                 if cfg.n_hash_tables else jnp.zeros(corruption.tokens.shape + (0,), jnp.int32))
     ranges = {}
-    if cfg.noisy_attention_impl == "pallas":
-      for stack in ("encoder", "decoder"):
+    for stack in ("encoder", "decoder"):
+      if getattr(cfg, stack).attention_impl == "pallas":
         ranges[f"{stack}_ranges"] = tuple(diffusion.bltd_attention_ranges(
             blocks.anchors, blocks.valid, segment_ids, seq_len=length, block_size=size,
             window=getattr(cfg, stack).window, in_block=blocks.in_block))

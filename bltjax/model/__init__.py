@@ -17,6 +17,7 @@ def transformer_config(section: Mapping, model: Mapping, *, use_ffn_config: bool
   `scannable=False`: the stack never scans its layers (the local encoder and decoder
   run their blocks one by one, between cross-attentions)."""
   ffn = model["ffn"] if use_ffn_config else dict(activation="swiglu", l1_coef=0.0, impl="xla")
+  attention = model.get("attention", {})
   return layers.TransformerConfig(
       d_model=int(section["d_model"]),
       n_layers=int(section["n_layers"]),
@@ -31,6 +32,9 @@ def transformer_config(section: Mapping, model: Mapping, *, use_ffn_config: bool
       ffn_backend=str(ffn.get("backend", "")),
       ffn_interpret=bool(ffn.get("interpret", False)),
       ffn_dense_threshold=float(ffn.get("dense_threshold", 0.5)),
+      attention_impl=attention.get("impl", "xla"),
+      attention_backend=str(attention.get("backend", "")),
+      attention_interpret=bool(attention.get("interpret", False)),
       dtype=model["dtype"],
       remat=bool(model["remat"]),
       scan_layers=scannable and bool(model.get("scan_layers", False)),
@@ -67,7 +71,4 @@ def blt_config(model: Mapping) -> BltConfig:
       hash_table_size=int(blt["hash_table_size"]),
       hash_functions=int(blt["hash_functions"]),
       noisy_embedding=model["diffusion"]["noisy_embedding"],
-      noisy_attention_impl=model["diffusion"].get("attention_impl", "xla"),
-      noisy_attention_backend=str(model["diffusion"].get("attention_backend", "")),
-      noisy_attention_interpret=bool(model["diffusion"].get("attention_interpret", False)),
   )

@@ -165,6 +165,32 @@ def chunked_window_attention(q, k, v, positions, segment_ids, *, window: int):
   return out.reshape(b, n_chunks * chunk, *q.shape[2:])[:, :t]
 
 
+def document_starts(segment_ids):
+  """First position of each position's document. `[batch, len]` -> `[batch, len]` int32.
+
+  Documents are the runs of equal segment ids (packed rows: each document is one
+  contiguous run; a row may begin inside a document, which then starts at 0).
+  """
+  length = segment_ids.shape[1]
+  pos = jnp.arange(length, dtype=jnp.int32)
+  first = jnp.concatenate(
+      [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+      axis=1)
+  return jax.lax.cummax(jnp.where(first, pos[None], 0), axis=1)
+
+
+def causal_ranges(segment_ids, *, window: int = 0):
+  """The visibility rule of a training row as key ranges: row t sees
+  `[max(doc(t), t - W + 1), t + 1)` (second range empty), `attention_mask` for positions
+  0, 1, ... of the row. segment_ids `[batch, len]` -> (a0, a1, b0, b1) `[batch, len]`."""
+  t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None]
+  doc = document_starts(segment_ids)
+  a0 = jnp.maximum(doc, t - window + 1) if window else doc
+  a1 = jnp.broadcast_to(t + 1, doc.shape)
+  empty = jnp.zeros_like(doc)
+  return a0, a1, empty, empty
+
+
 def causal_attention(q, k, v, positions, segment_ids, *, window: int = 0):
   """Causal self-attention within segments; sliding window when `window > 0`."""
   if window:

@@ -32,8 +32,8 @@ class NoisyInput(NamedTuple):
   hash_ids: jax.Array                        # [batch, n, M, n_tables] (hash of prefix + block)
   read_patch: jax.Array                      # [batch, n, M] global output each position reads
   info: attention.NoisyAttentionInfo         # positions, anchors, blocks, documents, valid
-  # With `noisy_attention_impl="pallas"`: the key ranges of every `[clean ; noisy]` row
-  # (`diffusion.bltd_attention_ranges`; a0, a1, b0, b1 `[batch, L + n*M]`) for the
+  # For a stack with `attention_impl="pallas"`: the key ranges of every `[clean ; noisy]`
+  # row (`diffusion.bltd_attention_ranges`; a0, a1, b0, b1 `[batch, L + n*M]`) for the
   # encoder's window and the decoder's.
   encoder_ranges: tuple | None = None
   decoder_ranges: tuple | None = None
@@ -84,16 +84,16 @@ class BLT(nn.Module):
     return hashing.hash_ngram_ids(tokens, ngram_sizes=cfg.ngram_sizes,
                                   table_size=cfg.hash_table_size, n_functions=cfg.hash_functions)
 
-  def _noisy_spec(self, clean_spec, noisy: NoisyInput, ranges, chunk: int):
-    """How a local stack attends over `[clean ; noisy]` (DESIGN §3)."""
-    cfg = self.config
-    if cfg.noisy_attention_impl == "xla":
+  @staticmethod
+  def _noisy_spec(stack, clean_spec, noisy: NoisyInput, ranges, chunk: int):
+    """How a local stack (its `TransformerConfig`) attends over `[clean ; noisy]`
+    (DESIGN §3): chunked frames, or the range kernel over the input's ranges."""
+    if stack.attention_impl == "xla":
       return attention.CleanNoisySpec(clean_spec, noisy.info, chunk=chunk)
     if ranges is None:
-      raise ValueError("noisy_attention_impl='pallas' needs the NoisyInput's key ranges "
+      raise ValueError("attention impl 'pallas' needs the NoisyInput's key ranges "
                        "(objectives.BltObjective.noisy_blocks computes them)")
-    return range_attention.RangeSpec(*ranges, backend=cfg.noisy_attention_backend or None,
-                                     interpret=cfg.noisy_attention_interpret)
+    return range_attention.kernel_spec(stack, ranges)
 
   def __call__(self, tokens, segment_ids, patches: Patches, noisy: NoisyInput | None = None):
     """tokens, segment_ids `[B, L]` -> (logits `[B, L, 260]`, noisy logits `[B, n*M, 260]`
@@ -104,8 +104,10 @@ class BLT(nn.Module):
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     x = self.encoder.embed(tokens, self.hash_ids(tokens))
     read = read_patch_ids(patches.next_patch_ids)
-    enc_spec = attention.CausalSpec(positions, segment_ids, window=cfg.encoder.window)
-    dec_spec = attention.CausalSpec(positions, segment_ids, window=cfg.decoder.window)
+    enc_spec = range_attention.causal_spec(cfg.encoder, positions, segment_ids,
+                                           window=cfg.encoder.window)
+    dec_spec = range_attention.causal_spec(cfg.decoder, positions, segment_ids,
+                                           window=cfg.decoder.window)
     all_positions = positions
     if noisy is not None:
       flat = lambda a: a.reshape(b, -1, *a.shape[3:])
@@ -115,8 +117,8 @@ class BLT(nn.Module):
       chunk = attention.noisy_chunk_size(length, stack_window(cfg))
       if cfg.noisy_embedding == "encoder":
         x = jnp.concatenate([x, noisy_x], axis=1)
-        enc_spec = self._noisy_spec(enc_spec, noisy, noisy.encoder_ranges, chunk)
-      dec_spec = self._noisy_spec(dec_spec, noisy, noisy.decoder_ranges, chunk)
+        enc_spec = self._noisy_spec(cfg.encoder, enc_spec, noisy, noisy.encoder_ranges, chunk)
+      dec_spec = self._noisy_spec(cfg.decoder, dec_spec, noisy, noisy.decoder_ranges, chunk)
       read = jnp.concatenate([read, flat(noisy.read_patch)], axis=1)
     enc_positions = all_positions if x.shape[1] > length else positions
     byte_states, patch_vectors = self.encoder(x, enc_positions, enc_spec, patches.patch_ids,

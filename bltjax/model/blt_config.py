@@ -8,7 +8,6 @@ from bltjax.model import hashing
 from bltjax.model.layers import TransformerConfig
 
 NOISY_EMBEDDINGS = ("encoder", "embedding")
-NOISY_ATTENTION_IMPLS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,10 +23,6 @@ class BltConfig:
   hash_table_size: int = 500002              # rows per hash table; 0: no hash embeddings
   hash_functions: int = 1
   noisy_embedding: str = "encoder"           # BLT-D noisy bytes: encoder layers | embedding only
-  noisy_attention_impl: str = "xla"          # BLT-D [clean ; noisy] attention: xla (chunked
-                                             # frames) | pallas (range-attention kernel)
-  noisy_attention_backend: str = ""          # pallas: "" (kernel package picks), gpu, tpu, xla
-  noisy_attention_interpret: bool = False    # pallas: kernels in interpret mode (CPU tests)
 
   def __post_init__(self):
     if self.encoder.d_model != self.decoder.d_model:
@@ -39,9 +34,6 @@ class BltConfig:
     if not 1 <= self.cross_heads <= self.d_local:
       raise ValueError(f"cross_attn_heads={self.cross_heads} must be in [1, d_local="
                        f"{self.d_local}]")
-    if self.noisy_attention_impl not in NOISY_ATTENTION_IMPLS:
-      raise ValueError(f"noisy_attention_impl {self.noisy_attention_impl!r} is not one of "
-                       f"{NOISY_ATTENTION_IMPLS}")
     if self.noisy_embedding not in NOISY_EMBEDDINGS:
       raise ValueError(f"noisy_embedding {self.noisy_embedding!r} is not one of "
                        f"{NOISY_EMBEDDINGS}")

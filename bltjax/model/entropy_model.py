@@ -7,8 +7,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bltjax import bytes as blt_bytes
-from bltjax.model import attention
 from bltjax.model import layers
+from bltjax.model import range_attention
 
 
 class EntropyModel(nn.Module):
@@ -25,7 +25,8 @@ class EntropyModel(nn.Module):
   def __call__(self, tokens, segment_ids, positions=None):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    spec = attention.CausalSpec(positions, segment_ids, window=self.config.window)
+    spec = range_attention.causal_spec(self.config, positions, segment_ids,
+                                       window=self.config.window)
     return self.forward(tokens, positions, spec)[0]
 
   def forward(self, tokens, positions, spec):

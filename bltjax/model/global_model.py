@@ -5,8 +5,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bltjax.model import attention
 from bltjax.model import layers
+from bltjax.model import range_attention
 from bltjax.model.blt_config import BltConfig
 
 
@@ -31,6 +31,7 @@ class GlobalTransformer(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
     if spec is None:
-      spec = attention.CausalSpec(positions, patch_segments, window=0)
+      spec = range_attention.causal_spec(self.config.global_model, positions, patch_segments,
+                                         window=0)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     return self.transformer(x, positions, spec)

@@ -21,6 +21,7 @@ from bltjax.model import attention as attention_lib
 
 ACTIVATIONS = ("swiglu", "relu")
 FFN_IMPLS = ("xla", "pallas")
+ATTENTION_IMPLS = ("xla", "pallas")
 
 
 def blt_ffn_dim(d_model: int, multiple_of: int = 256) -> int:
@@ -44,6 +45,10 @@ class TransformerConfig:
   ffn_backend: str = ""        # pallas kernel: "" (the kernel package picks), gpu, tpu, xla
   ffn_interpret: bool = False  # pallas kernels in interpret mode (CPU tests)
   ffn_dense_threshold: float = 0.5  # kernel occupancy above which dense matmuls run; >= 1: never
+  attention_impl: str = "xla"  # training attention: xla (chunked frames / dense) | pallas
+                               # (range-attention kernel, flash over each row's key ranges)
+  attention_backend: str = ""  # pallas kernel: "" (the kernel package picks), gpu, tpu, xla
+  attention_interpret: bool = False  # pallas kernels in interpret mode (CPU tests)
   norm_eps: float = 1e-5
   dtype: str = "float32"       # compute dtype; params stay float32
   remat: bool = False
@@ -62,6 +67,9 @@ class TransformerConfig:
       raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"ffn activation {self.activation!r} is not one of {ACTIVATIONS}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention impl {self.attention_impl!r} is not one of "
+                       f"{ATTENTION_IMPLS}")
     if self.ffn_impl not in FFN_IMPLS:
       raise ValueError(f"ffn impl {self.ffn_impl!r} is not one of {FFN_IMPLS}")
     if self.ffn_impl == "pallas" and self.activation != "relu":

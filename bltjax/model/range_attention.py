@@ -1,13 +1,15 @@
-"""BLT-D training attention through the range-attention kernel
-(`model.diffusion.attention_impl = "pallas"`), sharded over a mesh.
+"""Training attention through the range-attention kernel (`model.attention.impl =
+"pallas"`), sharded over a mesh.
 
 `RangeSpec` is an attention spec (called as `spec(q, k, v)`, like `attention.CausalSpec`)
-for the encoder or decoder over `[clean ; noisy blocks]`: query row q sees the keys
-`[a0, a1) U [b0, b1)` that `bltjax.diffusion.bltd_attention_ranges` gives it, the same
-visibility as `attention.CleanNoisySpec` computes with chunked frames
+where query row q sees the keys `[a0, a1) U [b0, b1)`
 (`pallas_kernels.diffusion.range_attention`: flash attention over exactly those key
-blocks). Which kernel runs (Triton on GPU, Mosaic on TPU, the dense reference
-elsewhere) is the kernel package's choice unless `backend` names one.
+blocks): a causal (windowed) row (`attention.causal_ranges`, what `CausalSpec` computes
+with chunked frames or a dense mask), or BLT-D's `[clean ; noisy blocks]`
+(`bltjax.diffusion.bltd_attention_ranges`, what `attention.CleanNoisySpec` computes).
+`causal_spec` picks the spec a stack's config asks for. Which kernel runs (Triton on
+GPU, Mosaic on TPU, the dense reference elsewhere) is the kernel package's choice unless
+`backend` names one.
 
 Under a mesh the kernel runs inside `jax.shard_map` (`kernel_sharding`): rows split like
 the activations' `batch` axis, heads like `heads` when both the query and the kv heads
@@ -20,6 +22,7 @@ import flax.struct
 import jax
 from jax.sharding import PartitionSpec as P
 
+from bltjax.model import attention
 from bltjax.model.kernel_sharding import mesh_axes, spec_entry, split
 
 def _kernel_call(q, k, v, ranges, backend, interpret):
@@ -52,3 +55,18 @@ class RangeSpec:
     # check_vma=False: pallas_call outputs carry no varying-manual-axes annotation.
     return jax.shard_map(local, mesh=mesh, in_specs=(heads_spec,) * 3 + (rows_spec,) * 4,
                          out_specs=heads_spec, check_vma=False)(q, k, v, *ranges)
+
+
+def kernel_spec(config, ranges) -> RangeSpec:
+  """A `RangeSpec` over `ranges` (a0, a1, b0, b1) with a stack config's kernel options."""
+  return RangeSpec(*ranges, backend=config.attention_backend or None,
+                   interpret=config.attention_interpret)
+
+
+def causal_spec(config, positions, segment_ids, *, window: int):
+  """How a stack (`layers.TransformerConfig`) attends over whole rows in training and
+  scoring: causal within segments, windowed when `window > 0`. positions, segment_ids
+  `[batch, len]` (positions 0, 1, ... along each row)."""
+  if config.attention_impl == "pallas":
+    return kernel_spec(config, attention.causal_ranges(segment_ids, window=window))
+  return attention.CausalSpec(positions, segment_ids, window=window)

@@ -1,9 +1,10 @@
-"""BLT-D training through the range-attention kernel (`model.diffusion.attention_impl =
-"pallas"`): the same loss and gradients as the chunked XLA attention, on one device and
+"""Training attention through the range-attention kernel (`model.attention.impl =
+"pallas"`): every stack (entropy model, encoder, global, decoder, BLT-D's `[clean ;
+noisy]`) gives the same loss and gradients as the XLA attention, on one device and
 sharded, and the real kernels lower for GPU and TPU inside the sharded train step.
 
-On CPU the kernels run in interpret mode (`attention_backend = gpu | tpu`,
-`attention_interpret = True`).
+On CPU the kernels run in interpret mode (`model.attention.backend = gpu | tpu`,
+`model.attention.interpret = True`).
 """
 
 import flax.linen as nn
@@ -16,7 +17,16 @@ from bltjax import configs
 from bltjax import objectives
 from bltjax import sharding
 from bltjax import train
-from conftest import tiny_blt_config
+from bltjax.model import attention
+from bltjax.model import layers
+from bltjax.model import range_attention
+from conftest import tiny_blt_config, tiny_entropy_config
+
+
+def _set_attention(config, impl="xla", backend="", interpret=False):
+  for key, value in (("impl", impl), ("backend", backend), ("interpret", interpret)):
+    configs.set_value(config, f"model.attention.{key}", value)
+  return config
 
 
 def _config(tiny_corpus, impl="xla", backend="", interpret=False, mesh=(1, 1, 1)):
@@ -24,9 +34,7 @@ def _config(tiny_corpus, impl="xla", backend="", interpret=False, mesh=(1, 1, 1)
       tiny_corpus, "static,bltd4", model__diffusion__blocks_per_chunk=6,
       patcher__patch_size=3, model__blt__encoder__window=16, model__blt__decoder__window=24,
       train__batch_size=8, train__seq_len=48)
-  for key, value in (("attention_impl", impl), ("attention_backend", backend),
-                     ("attention_interpret", interpret)):
-    configs.set_value(config, f"model.diffusion.{key}", value)
+  _set_attention(config, impl, backend, interpret)
   for axis, size in zip(sharding.MESH_AXES, mesh):
     config.mesh[axis] = size
   return config
@@ -39,6 +47,41 @@ def _batch(seed=0, b=8, length=48):
   segment_ids[::2, 30:] = 2
   segment_ids[1::4, 40:] = 0   # padding
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids}
+
+
+@pytest.mark.parametrize("window", [0, 5, 16])
+def test_causal_kernel_spec_equals_the_xla_spec(window):
+  """Rows with several documents and padding, windows shorter and longer than them."""
+  rng = np.random.default_rng(window)
+  b, length, heads, groups, dim = 2, 40, 4, 2, 8
+  segments = np.ones((b, length), np.int32)
+  segments[0, 12:] = 2
+  segments[0, 30:] = 3
+  segments[1, 33:] = 0
+  q = jnp.asarray(rng.normal(size=(b, length, heads, dim)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(b, length, groups, dim)), jnp.float32) for _ in "kv")
+  positions = jnp.broadcast_to(jnp.arange(length), (b, length))
+  want = attention.CausalSpec(positions, jnp.asarray(segments), window=window)(q, k, v)
+  config = layers.TransformerConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                                    attention_impl="pallas", attention_backend="gpu",
+                                    attention_interpret=True)
+  spec = range_attention.causal_spec(config, positions, jnp.asarray(segments), window=window)
+  assert isinstance(spec, range_attention.RangeSpec)
+  np.testing.assert_allclose(spec(q, k, v), want, atol=1e-5)
+
+
+def test_entropy_model_through_the_kernel_equals_xla(tiny_corpus):
+  config = tiny_entropy_config(tiny_corpus, model__entropy__window=8, train__seq_len=32)
+  batch = jax.tree.map(lambda x: jnp.asarray(x[:4, :32]), _batch(length=32))
+  params = nn.meta.unbox(jax.jit(objectives.make_objective(config).init)(
+      jax.random.PRNGKey(1), batch))
+  loss, _, grads = _loss_and_grads(config, params, batch)
+  _set_attention(config, "pallas", "gpu", True)
+  k_loss, _, k_grads = _loss_and_grads(config, params, batch)
+  np.testing.assert_allclose(k_loss, loss, rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(k_grads)):
+    scale = max(float(jnp.max(jnp.abs(a))), 1e-6)
+    assert float(jnp.max(jnp.abs(a - b))) / scale < 1e-4, jax.tree_util.keystr(path)
 
 
 def _loss_and_grads(config, params, batch):
@@ -114,14 +157,14 @@ def test_sharded_train_step_lowers_for_the_kernels_platform(backend, platform, c
   starts = [text.find(m) for m in ("sdy.manual_computation", "SPMDFullToShardShape")]
   start = min(i for i in starts if i >= 0)   # the shard_map body (Shardy or GSPMD)
   assert custom_call in text[start:]
-  # encoder (1 layer) + decoder layers, each fwd + dq + dkv
-  n_layers = config.model.blt.encoder.n_layers + config.model.blt.decoder.n_layers
+  # every layer of the encoder, global model and decoder: fwd + dq + dkv
+  n_layers = sum(config.model.blt[s].n_layers for s in ("encoder", "global_model", "decoder"))
   assert text.count("range_attention_dkv") >= n_layers
 
 
 def test_unknown_impl_is_named(tiny_corpus):
   config = _config(tiny_corpus, "flash")
-  with pytest.raises(ValueError, match="noisy_attention_impl 'flash'"):
+  with pytest.raises(ValueError, match="attention impl 'flash' is not one of"):
     objectives.make_objective(config)
 
 
