@@ -14,6 +14,11 @@ unmask: one BLT-D decoder step's unmasking (`unmask_impl = "xla"`: softmax, argm
   confidence or entropy, the rule, the write, as separate XLA ops; `"pallas"`: one fused
   kernel) on a block's logits `[rows, B, 260]`, per step inside a compiled loop of
   `--unmask_steps` steps (so dispatch is not timed).
+cached_attention: one decoding step's attention over a KV cache per layer (XLA's
+  `generate.caches` specs: two matmuls with the mask and softmax around them; `"pallas"`:
+  one kernel), for an AR byte (T = 1, keys already stored) and a BLT-D block (T = 8 over
+  the cache and itself), a 512-byte window (cache of 640 slots), per step inside a
+  compiled loop.
 Prints tables and appends them to bench/RESULTS.md. On CPU (interpret mode) the times
 say nothing about speed: `--small` checks that the benchmark and the kernels run.
 """
@@ -31,6 +36,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import common  # noqa: E402  pylint: disable=g-import-not-at-top
 from bltjax import diffusion  # noqa: E402
+from bltjax.generate import caches  # noqa: E402
 from bltjax.generate import diffusion as generate_diffusion  # noqa: E402
 from bltjax.generate import sampling  # noqa: E402
 from bltjax.model import attention  # noqa: E402
@@ -41,7 +47,7 @@ ATTENTION_SHAPES = {  # batch, length, window, heads, head_dim, block_size
     "small": (2, 128, 32, 2, 16, 4),
 }
 SMALL_TILES = dict(bq=16, bk=16)
-KERNELS = ("range_attention", "unmask")
+KERNELS = ("range_attention", "unmask", "cached_attention")
 
 
 def rel_err(a, b):
@@ -129,6 +135,27 @@ def bench_range_attention(args, backend, interpret, argv):
   return rows, ok
 
 
+# --------------------------------------------------------------------------- per-step A/B
+
+
+def step_row(labels, fns, inputs, *, steps, repeats, same):
+  """A table row: labels, then microseconds per step of `fns["xla"]` and `fns["kernel"]`
+  (compiled loops of `steps` steps), the kernel's speedup and whether they agreed."""
+  us = {i: 1e6 * common.fastest(fn, *inputs, repeats=repeats) / steps for i, fn in fns.items()}
+  row = [*labels, f"{us['xla']:.2f}", f"{us['kernel']:.2f}",
+         f"{us['xla'] / us['kernel']:.2f}x", "yes" if same else "NO"]
+  print(" | ".join(row), flush=True)
+  return row
+
+
+def append_table(args, argv, title, columns, rows, note, backend, interpret):
+  if not args.no_append:
+    note += (f" Kernel {backend}"
+             f"{' (interpret mode: times are not speed)' if interpret else ''}.")
+    common.append(title, common.markdown_table(columns, rows), argv=argv, note=note,
+                  path=args.results)
+
+
 # --------------------------------------------------------------------------- unmasking
 
 
@@ -161,23 +188,80 @@ def bench_unmask(args, backend, interpret, argv):
     still = jnp.asarray(rng.random((n_rows, block_size)) < 0.8).at[:, 0].set(True)
     block = jnp.where(still, 3, 100).astype(jnp.int32)
     for rule in ("confidence", "entropy_bounded"):
-      fns = {impl: unmask_loop(rule, steps, impl, backend if impl == "pallas" else "",
-                               interpret) for impl in ("xla", "pallas")}
-      same = int(fns["xla"](logits, block, still)) == int(fns["pallas"](logits, block, still))
+      fns = {"xla": unmask_loop(rule, steps, "xla", "", interpret),
+             "kernel": unmask_loop(rule, steps, "pallas", backend, interpret)}
+      inputs = (logits, block, still)
+      same = int(fns["xla"](*inputs)) == int(fns["kernel"](*inputs))
       ok = ok and same
-      us = {impl: 1e6 * common.fastest(fn, logits, block, still, repeats=args.repeats) / steps
-            for impl, fn in fns.items()}
-      rows.append([str(n_rows), rule, f"{us['xla']:.2f}", f"{us['pallas']:.2f}",
-                   f"{us['xla'] / us['pallas']:.2f}x", "yes" if same else "NO"])
-      print(" | ".join(rows[-1]), flush=True)
+      rows.append(step_row([str(n_rows), rule], fns, inputs, steps=steps,
+                           repeats=args.repeats, same=same))
   columns = ["rows", "rule", "XLA ops us/step", "fused kernel us/step", "kernel speedup",
              "same reveals"]
-  note = (f"blocks of {block_size} bytes, logits [rows, {block_size}, 260] float32, greedy; "
-          f"{steps} steps per compiled loop; kernel {backend}"
-          f"{' (interpret mode: times are not speed)' if interpret else ''}.")
-  if not args.no_append:
-    common.append("BLT-D unmasking step: XLA ops vs the fused kernel",
-                  common.markdown_table(columns, rows), argv=argv, note=note, path=args.results)
+  note = (f"Blocks of {block_size} bytes, logits [rows, {block_size}, 260] float32, greedy; "
+          f"{steps} steps per compiled loop.")
+  append_table(args, argv, "BLT-D unmasking step: XLA ops vs the fused kernel", columns,
+               rows, note, backend, interpret)
+  return rows, ok
+
+
+# --------------------------------------------------------------------------- decoding attention
+
+
+def cached_step_loop(steps, t, block, kernel):
+  """`steps` decoding-step attentions in a compiled loop (queries nudged per step)."""
+  def run(q, new_k, new_v, cache_k, cache_v, cache_positions, positions):
+    valid = jnp.ones(positions.shape, bool)
+    start = positions[:, 0] if block else None
+
+    def body(i, total):
+      qi = q * (1.0 + 1e-3 * i.astype(q.dtype))
+      if t == 1:   # an AR byte: its keys are in the cache already
+        view = caches.CacheView(cache_k, cache_v, cache_positions, positions, valid,
+                                window=512, kernel=kernel)
+        out = view(qi, None, None)
+      else:
+        spec = caches.CachedSpec(cache_k, cache_v, cache_positions, positions, valid, start,
+                                 window=512, kernel=kernel)
+        out = spec(qi, new_k, new_v)
+      return total + jnp.sum(out.astype(jnp.float32))
+    return jax.lax.fori_loop(0, steps, body, jnp.float32(0))
+  return jax.jit(run)
+
+
+def bench_cached_attention(args, backend, interpret, argv):
+  heads, head_dim, size, history = (2, 16, 256, 200) if args.small else (8, 64, 640, 600)
+  steps = 4 if args.small else args.unmask_steps
+  dtype = jnp.dtype(args.dtype)
+  rows, ok = [], True
+  for batch in (1, 8):
+    for t, block, name in ((1, False, "AR byte (T=1)"), (8, True, "BLT-D block (T=8)")):
+      keys = jax.random.split(jax.random.PRNGKey(batch * 10 + t), 5)
+      length = history
+      positions = jnp.broadcast_to(length + jnp.arange(t, dtype=jnp.int32), (batch, t))
+      slot_pos = jnp.arange(size, dtype=jnp.int32)
+      # the last `size` positions before `length` (and, for T=1, the new one) in slot p % S
+      last = length + (1 if t == 1 else 0)
+      held = last - 1 - (last - 1 - slot_pos) % size
+      cache_positions = jnp.broadcast_to(jnp.where(held >= 0, held, -1), (batch, size))
+      q = jax.random.normal(keys[0], (batch, t, heads, head_dim), dtype)
+      new_k = jax.random.normal(keys[1], (batch, t, heads, head_dim), dtype)
+      new_v = jax.random.normal(keys[2], (batch, t, heads, head_dim), dtype)
+      cache_k = jax.random.normal(keys[3], (batch, heads, size, head_dim), dtype)
+      cache_v = jax.random.normal(keys[4], (batch, heads, head_dim, size), dtype)
+      inputs = (q, new_k, new_v, cache_k, cache_v, cache_positions, positions)
+      fns = {"xla": cached_step_loop(steps, t, block, None),
+             "kernel": cached_step_loop(steps, t, block, (backend, interpret))}
+      err = abs(float(fns["xla"](*inputs)) - float(fns["kernel"](*inputs)))
+      scale = max(abs(float(fns["xla"](*inputs))), 1.0)
+      same = err / scale < (5e-2 if dtype.itemsize == 2 else 1e-4)
+      ok = ok and same
+      rows.append(step_row([str(batch), name], fns, inputs, steps=steps,
+                           repeats=args.repeats, same=same))
+  columns = ["rows", "step", "XLA us/step", "kernel us/step", "kernel speedup", "same sums"]
+  note = (f"One layer: {heads} heads x {head_dim}, cache of {size} slots, window 512, "
+          f"{dtype.name}; {steps} steps per compiled loop.")
+  append_table(args, argv, "Decoding attention over a KV cache: XLA vs the cached-attention "
+               "kernel", columns, rows, note, backend, interpret)
   return rows, ok
 
 
@@ -189,7 +273,8 @@ def main(argv=None):
   ap.add_argument("--backend", default="auto", choices=("auto", "gpu", "tpu"))
   ap.add_argument("--dtype", default="bfloat16", help="range attention's q, k, v")
   ap.add_argument("--repeats", type=int, default=10)
-  ap.add_argument("--unmask_steps", type=int, default=200)
+  ap.add_argument("--unmask_steps", type=int, default=200,
+                  help="steps per compiled loop (unmask, cached_attention)")
   ap.add_argument("--results", default=common.RESULTS)
   ap.add_argument("--no_append", action="store_true")
   args = ap.parse_args(argv)
@@ -205,7 +290,8 @@ def main(argv=None):
     args.repeats = 1
   backend = args.backend if args.backend != "auto" else (platform if on_device else "gpu")
   results, ok = {}, True
-  for name, fn in (("range_attention", bench_range_attention), ("unmask", bench_unmask)):
+  for name, fn in (("range_attention", bench_range_attention), ("unmask", bench_unmask),
+                   ("cached_attention", bench_cached_attention)):
     if name in kernels:
       results[name], good = fn(args, backend, not on_device, argv)
       ok = ok and good

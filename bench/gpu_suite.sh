@@ -85,9 +85,10 @@ for step in $STEPS; do
     # slower on an H200 (12.5 ms vs 9.1 ms), which would flatter the kernels.
     sparse_ffn) XLA_FLAGS= run 40 -m pallas_kernels.sparse_ffn.bench --variants sparse,auto \
         --iters 10 ;;
-    # The BLT-D kernels (pallas_kernels/diffusion), numerics checked first: training
-    # attention over [clean ; noisy], chunked XLA frames vs the range kernel (fwd,
-    # fwd+bwd); one decoder step's unmasking, XLA ops vs the fused kernel.
+    # The kernels of pallas_kernels/diffusion, numerics checked first: training attention
+    # over BLT-D's [clean ; noisy], chunked XLA frames vs the range kernel (fwd, fwd+bwd);
+    # one decoder step's unmasking, XLA ops vs the fused kernel; a decoding step's
+    # attention over a KV cache, XLA vs the cached-attention kernel.
     diffusion_kernels) XLA_FLAGS= run 40 bench/diffusion_kernels.py ;;
     # Issue 4: end-to-end train step of a BLT with relu+L1 global FFNs, pallas vs xla vs dense.
     sparse_ffn_train) run 70 bench/sparse_ffn_train.py --preset gpu --quick --train_seconds 10 \

@@ -344,7 +344,7 @@ class Model:
         report it as `prefill_seconds`, so `generation_bytes_per_s` is the speed of the
         generation loop, the part that NFE counts and traffic estimates describe.
       **options: `DecodeConfig` fields: temperature, top_p, block_size, alpha, gamma,
-        draft_len, block_commit, gate, prefill_chunk, unmask_impl.
+        draft_len, block_commit, gate, prefill_chunk, attention_impl, unmask_impl.
 
     Returns:
       GenerateOutput with texts, NFE counts (and per byte), timings and traffic.

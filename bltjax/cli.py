@@ -203,7 +203,7 @@ def cmd_generate(args, overrides):
   prompts = _read_prompts(args)
   options = {k: getattr(args, k) for k in ("block_size", "alpha", "gamma", "draft_len",
                                            "block_commit", "gate", "temperature", "top_p",
-                                           "unmask_impl")
+                                           "attention_impl", "unmask_impl")
              if getattr(args, k) is not None}
   if args.scanned_layers:
     options["unroll_layers"] = False
@@ -293,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
   from bltjax.generate import METHODS  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
   from bltjax.generate.diffusion import BLOCK_COMMITS, UNMASK_IMPLS
+  from bltjax.model.layers import ATTENTION_IMPLS  # pylint: disable=g-import-not-at-top
   p = sub.add_parser("eval", help="bits per byte of a workdir's latest checkpoint on data, "
                      "and continuation tasks (generate from held-out prompts)")
   p.add_argument("--workdir", required=True, help="workdir of a `bltjax train` run")
@@ -381,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--temperature", type=float, default=None, help="0: greedy (default)")
   p.add_argument("--top_p", type=float, default=None)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--attention_impl", choices=ATTENTION_IMPLS, default=None,
+                 help="decoding attention over the KV caches: xla, or pallas (one kernel per "
+                 "layer and step, pallas_kernels/diffusion); default: as the model was "
+                 "configured (model.attention.impl)")
   p.add_argument("--unmask_impl", choices=UNMASK_IMPLS, default=None,
                  help="BLT-D / BLT-H unmasking: xla (default) or pallas (one fused kernel "
                  "per decoder step, pallas_kernels/diffusion)")

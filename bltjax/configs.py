@@ -195,8 +195,10 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   config.model.attention = ml_collections.ConfigDict(dict(   # training / scoring attention
       impl="xla",                    # xla (chunked window frames, dense over patches) |
-                                     # pallas (range-attention kernel: flash over each row's
-                                     # key ranges, BLT-D's [clean ; noisy] included)
+                                     # pallas (GPU/TPU kernels: flash attention over each
+                                     # row's key ranges, BLT-D's [clean ; noisy] included,
+                                     # and over the KV caches in decoding; on a CPU their
+                                     # dense jnp reference: small sizes only)
       backend="",                    # pallas: "" (the kernel package picks), gpu | tpu | xla
       interpret=False,               # pallas: kernels in interpret mode (CPU tests)
   ))

@@ -146,7 +146,7 @@ class BltObjective:
     corrupted with MASK. Returns (NoisyInput, clean block ids, Corruption, Blocks)."""
     cfg, dcfg = self.model_config, self.config.model.diffusion
     tokens, segment_ids = batch["inputs"], batch["segment_ids"]
-    b, length = tokens.shape
+    length = tokens.shape[1]
     chunk = attention.noisy_chunk_size(length, blt.stack_window(cfg))
     per_chunk = dcfg.blocks_per_chunk or max(1, chunk // 4)
     anchor_rng, noise_rng = jax.random.split(rng)

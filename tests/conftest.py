@@ -135,3 +135,27 @@ def train_on_one_device(config, workdir):
   import jax  # pylint: disable=g-import-not-at-top,redefined-outer-name
   from bltjax import train  # pylint: disable=g-import-not-at-top
   return train.train(config, str(workdir), progress=False, devices=jax.devices()[:1])
+
+
+def assert_trees_close(want, got, *, rel: float = 1e-4):
+  """Every leaf of `got` within `rel` of `want`'s (max abs difference over the leaf's
+  largest magnitude); a failure names the leaf."""
+  import jax  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+    scale = max(float(jnp.max(jnp.abs(a))), 1e-6)
+    assert float(jnp.max(jnp.abs(a - b))) / scale < rel, jax.tree_util.keystr(path)
+
+
+def two_train_steps(trainer, make_batch):
+  """Two `trainer.train_step`s from a fresh state on `make_batch(seed)` for seeds 0, 1
+  (made global over the trainer's mesh): (metrics of each step, final params)."""
+  import jax  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  from bltjax import sharding  # pylint: disable=g-import-not-at-top
+  state = trainer.init_state(jax.random.PRNGKey(0))
+  rows = []
+  for seed in range(2):
+    batch = sharding.make_global_batch(make_batch(seed), trainer.mesh)
+    state, metrics = trainer.train_step(state, batch, trainer.frozen)
+    rows.append(jax.device_get(metrics))
+  return rows, jax.device_get(state.params)

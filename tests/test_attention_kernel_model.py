@@ -20,7 +20,7 @@ from bltjax import train
 from bltjax.model import attention
 from bltjax.model import layers
 from bltjax.model import range_attention
-from conftest import tiny_blt_config, tiny_entropy_config
+from conftest import assert_trees_close, tiny_blt_config, tiny_entropy_config, two_train_steps
 
 
 def _set_attention(config, impl="xla", backend="", interpret=False):
@@ -79,9 +79,7 @@ def test_entropy_model_through_the_kernel_equals_xla(tiny_corpus):
   _set_attention(config, "pallas", "gpu", True)
   k_loss, _, k_grads = _loss_and_grads(config, params, batch)
   np.testing.assert_allclose(k_loss, loss, rtol=1e-5)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(k_grads)):
-    scale = max(float(jnp.max(jnp.abs(a))), 1e-6)
-    assert float(jnp.max(jnp.abs(a - b))) / scale < 1e-4, jax.tree_util.keystr(path)
+  assert_trees_close(grads, k_grads)
 
 
 def _loss_and_grads(config, params, batch):
@@ -110,19 +108,7 @@ def test_kernel_path_equals_the_chunked_xla_path(backend, xla_run, tiny_corpus):
   np.testing.assert_allclose(p_loss, loss, rtol=1e-5)
   for key in ("ce", "masked_ce_b4"):
     np.testing.assert_allclose(p_metrics[key], metrics[key], rtol=1e-5, err_msg=key)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(p_grads)):
-    scale = max(float(jnp.max(jnp.abs(a))), 1e-6)
-    assert float(jnp.max(jnp.abs(a - b))) / scale < 1e-4, jax.tree_util.keystr(path)
-
-
-def _two_steps(trainer):
-  state = trainer.init_state(jax.random.PRNGKey(0))
-  rows = []
-  for seed in range(2):
-    batch = sharding.make_global_batch(_batch(seed), trainer.mesh)
-    state, metrics = trainer.train_step(state, batch, trainer.frozen)
-    rows.append(jax.device_get(metrics))
-  return rows, jax.device_get(state.params)
+  assert_trees_close(grads, p_grads)
 
 
 def test_sharded_kernel_step_equals_the_one_device_xla_step(tiny_corpus, tmp_path):
@@ -132,8 +118,8 @@ def test_sharded_kernel_step_equals_the_one_device_xla_step(tiny_corpus, tmp_pat
   one = train.Trainer(_config(tiny_corpus), str(tmp_path / "one"), devices=jax.devices()[:1])
   many = train.Trainer(_config(tiny_corpus, "pallas", "gpu", True, mesh=(2, 2, 2)),
                        str(tmp_path / "many"))
-  rows_one, params_one = _two_steps(one)
-  rows_many, params_many = _two_steps(many)
+  rows_one, params_one = two_train_steps(one, _batch)
+  rows_many, params_many = two_train_steps(many, _batch)
   for a, b in zip(rows_one, rows_many):
     for key in ("loss", "ce", "masked_ce_b4", "grad_norm"):
       np.testing.assert_allclose(b[key], a[key], rtol=2e-5, err_msg=key)
@@ -180,7 +166,9 @@ def test_benchmark_runs_and_appends_its_tables(tmp_path):
   assert [r[:2] for r in rows["unmask"]] == [["1", "confidence"], ["1", "entropy_bounded"],
                                              ["8", "confidence"], ["8", "entropy_bounded"]]
   assert all(r[-1] == "yes" for r in rows["unmask"])
+  assert [r[0] for r in rows["cached_attention"]] == ["1", "1", "8", "8"]
+  assert all(r[-1] == "yes" for r in rows["cached_attention"])
   text = results.read_text()
   assert "BLT-D range attention" in text and "kernel vs XLA" in text and ": ok." in text
-  assert "BLT-D unmasking step" in text
+  assert "BLT-D unmasking step" in text and "Decoding attention over a KV cache" in text
   assert "interpret mode" in text and "pairs computed" in text

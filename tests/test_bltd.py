@@ -8,7 +8,6 @@ import pytest
 
 from bltjax import diffusion
 from bltjax import objectives
-from bltjax import train
 from bltjax.model import attention
 from conftest import tiny_blt_config, train_on_one_device, unigram_bpb
 

@@ -193,3 +193,41 @@ def test_fused_unmasking_kernel_decodes_like_the_xla_rules(options, params):
 def test_unknown_unmask_impl_is_named():
   with pytest.raises(ValueError, match="unmask_impl 'triton' is not one of"):
     generate.DecodeConfig(method="blt_d", unmask_impl="triton")
+
+
+def _with_kernel_attention(config, backend="tpu"):
+  return dataclasses.replace(config, attention_impl="pallas", attention_backend=backend,
+                             attention_interpret=True)
+
+
+@pytest.mark.parametrize("options", [
+    dict(method="ar"),
+    pytest.param(dict(method="blt_d", block_size=4, alpha=0.5), marks=pytest.mark.slow),
+    pytest.param(dict(method="blt_s", draft_len=4), marks=pytest.mark.slow),
+])
+def test_cached_attention_kernel_decodes_like_xla(options, params):
+  """Every stack attending over its caches through the kernel (the TPU kernel, interpret
+  mode: these stacks' head widths of 8-16 are below Triton's tiles; caches sized to its
+  key block): the same bytes, steps and NFE as XLA's."""
+  config = generate.DecodeConfig(max_bytes=16, prefill_chunk=8, **options)
+  ids, lengths = blt_bytes.encode_batch(PROMPTS)
+  patcher_config = PATCHERS["entropy_global"]
+  results = []
+  for kernel in (False, True):
+    blt_config, entropy = CONFIG, ENTROPY
+    if kernel:
+      blt_config = dataclasses.replace(
+          CONFIG, encoder=_with_kernel_attention(CONFIG.encoder),
+          global_model=_with_kernel_attention(CONFIG.global_model),
+          decoder=_with_kernel_attention(CONFIG.decoder))
+      entropy = _with_kernel_attention(ENTROPY)
+    engine = generate.make_engine(blt_config, patcher_config, entropy, ids.shape[1], config)
+    if kernel:
+      assert engine.init_state(1).decoder_cache.size % 128 == 0
+    result = generate.jitted_decode(engine, config)(params, jnp.asarray(ids),
+                                                    jnp.asarray(lengths), jax.random.PRNGKey(3))
+    results.append(jax.device_get(result))
+  want, got = results
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.counts, want.counts)
+  assert got.nfe == want.nfe and got.stats == want.stats

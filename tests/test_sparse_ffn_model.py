@@ -21,7 +21,8 @@ from bltjax import objectives
 from bltjax import sharding
 from bltjax import train
 from bltjax.model import layers
-from conftest import REPO, tiny_blt_config, tiny_entropy_config, train_on_one_device
+from conftest import (REPO, assert_trees_close, tiny_blt_config, tiny_entropy_config,
+                      train_on_one_device, two_train_steps)
 
 KERNELS = {  # name -> model.ffn overrides
     "auto": dict(backend=""),
@@ -76,9 +77,7 @@ def test_pallas_path_equals_the_xla_relu_path(kernel, blt_xla_relu):
   assert {"ffn_sparsity", "ffn_sparsity_min", "ffn_sparsity/global_0", "ffn_l1"} <= set(metrics)
   for key, value in metrics.items():
     np.testing.assert_allclose(p_metrics[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(p_grads)):
-    scale = max(float(jnp.max(jnp.abs(a))), 1e-6)
-    assert float(jnp.max(jnp.abs(a - b))) / scale < 1e-4, jax.tree_util.keystr(path)
+  assert_trees_close(grads, p_grads)
   # The global FFN's weight gradients include the L1 term (it is not zero here).
   assert float(jnp.max(jnp.abs(p_grads["global_model"]["transformer"]["layer_0"]["ffn"]
                                ["up"]["kernel"]))) > 0
@@ -177,16 +176,6 @@ def _entropy_batch(seed):
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids}
 
 
-def _two_steps(trainer):
-  state = trainer.init_state(jax.random.PRNGKey(0))
-  rows = []
-  for seed in range(2):
-    batch = sharding.make_global_batch(_entropy_batch(seed), trainer.mesh)
-    state, metrics = trainer.train_step(state, batch, trainer.frozen)
-    rows.append(jax.device_get(metrics))
-  return rows, jax.device_get(state.params)
-
-
 def test_sharded_step_equals_the_one_device_step(tiny_corpus, tmp_path):
   """data x fsdp x tensor = 2 x 2 x 2: tokens split over data+fsdp, hidden units over
   tensor (partial outputs summed), weights gathered over fsdp inside shard_map."""
@@ -202,8 +191,8 @@ def test_sharded_step_equals_the_one_device_step(tiny_corpus, tmp_path):
     with sharding.use_mesh(trainer.mesh):
       jaxpr = str(trainer._jit_train_step.trace(trainer.abstract_state, batch, None).jaxpr)
     assert ("shard_map" in jaxpr) == wanted
-  rows_one, params_one = _two_steps(one)
-  rows_many, params_many = _two_steps(many)
+  rows_one, params_one = two_train_steps(one, _entropy_batch)
+  rows_many, params_many = two_train_steps(many, _entropy_batch)
   for a, b in zip(rows_one, rows_many):
     for key in ("loss", "ce", "grad_norm", "ffn_sparsity", "ffn_sparsity/layer_0", "ffn_l1"):
       np.testing.assert_allclose(b[key], a[key], rtol=2e-5, err_msg=key)

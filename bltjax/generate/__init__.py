@@ -20,6 +20,7 @@ from bltjax.generate import hybrid
 from bltjax.generate import speculative
 from bltjax.generate.engine import COMPONENTS, EMBEDDED, Engine
 from bltjax.generate.sampling import SamplingConfig
+from bltjax.model import layers
 
 METHODS = ("ar", "blt_d", "blt_s", "blt_dv", "blt_h")
 
@@ -40,6 +41,9 @@ class DecodeConfig:
   unroll_layers: bool = True     # stacks trained with model.scan_layers decode unrolled:
                                  # faster steps, longer compile (see make_engine)
   fuse_projections: bool = True  # q/k/v and gate/up run as one matmul each (see make_engine)
+  attention_impl: str = ""       # decoding attention: "" (as the model's stacks were
+                                 # configured: model.attention.impl) | xla | pallas
+                                 # (one cached-attention kernel per layer and step)
   unmask_impl: str = "xla"       # BLT-D / BLT-H unmasking: xla | pallas (one fused kernel)
   unmask_backend: str = ""       # pallas: "" (the kernel package picks), gpu | tpu | xla
   unmask_interpret: bool = False  # pallas: the kernel in interpret mode (CPU tests)
@@ -47,6 +51,9 @@ class DecodeConfig:
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"method {self.method!r} is not one of {METHODS}")
+    if self.attention_impl not in ("",) + layers.ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl {self.attention_impl!r} is not one of "
+                       f"{('',) + layers.ATTENTION_IMPLS}")
     if self.unmask_impl not in diffusion.UNMASK_IMPLS:
       raise ValueError(f"unmask_impl {self.unmask_impl!r} is not one of "
                        f"{diffusion.UNMASK_IMPLS}")
@@ -101,11 +108,14 @@ def make_engine(blt_config, patcher_config, entropy_config, prompt_len: int,
   projections as one matmul and its SwiGLU gate/up as another (kernels concatenated by
   `Engine.layout_params`): a decode step multiplies a few rows, so each matmul costs its
   weights' bytes plus a fixed cost, and fewer, wider ones save the fixed costs
-  (bench/RESULTS.md). `decode` lays out raw params on every call; `api.Model` passes
-  params laid out once."""
+  (bench/RESULTS.md). `config.attention_impl` ("xla" | "pallas") overrides how every
+  stack attends over its caches (`Engine.attention_kernel`). `decode` lays out raw
+  params on every call; `api.Model` passes params laid out once."""
   def stack(c):
     if config.unroll_layers:
       c = dataclasses.replace(c, scan_layers=False)
+    if config.attention_impl:
+      c = dataclasses.replace(c, attention_impl=config.attention_impl)
     return dataclasses.replace(c, fused_projections=config.fuse_projections)
   blt_config = dataclasses.replace(blt_config, encoder=stack(blt_config.encoder),
                                    global_model=stack(blt_config.global_model),

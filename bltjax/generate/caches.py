@@ -8,6 +8,11 @@ old position has left every future query's window, and rolling back (BLT-S rejec
 a draft) needs no copy: stale positions past the accepted length are masked out by the
 next extension, which rewrites them.
 
+With an attention kernel (`kernel`: (backend, interpret), from a stack config's
+`attention_impl = "pallas"`), the specs call `pallas_kernels.diffusion.cached_attention`
+(one kernel per layer and step, reading the cache where it lies) instead of XLA's
+matmuls and mask; caches are then sized to a multiple of its key block.
+
 Two ways to attend over a cache: `CachedSpec` reads the cache and the new positions as
 they are (nothing is written: a BLT-D block, or the global model, whose write happens
 outside the conditional that runs it); `StoringSpec` writes the new positions' keys
@@ -53,13 +58,13 @@ class KVCache:
         v=tuple(_store_values(c, kv[1], positions, valid) for c, kv in zip(self.v, kvs)),
         positions=_store_positions(self.positions, positions, valid))
 
-  def specs(self, positions, valid, *, window: int, block_start=None) -> tuple:
+  def specs(self, positions, valid, *, window: int, block_start=None, kernel=None) -> tuple:
     """One `CachedSpec` per layer for queries at `positions` `[batch, T]` (reads only)."""
     return tuple(CachedSpec(k, v, self.positions, positions, valid, block_start,
-                            window=window)
+                            window=window, kernel=kernel)
                  for k, v in zip(self.k, self.v))
 
-  def storing_specs(self, positions, valid, *, window: int) -> tuple:
+  def storing_specs(self, positions, valid, *, window: int, kernel=None) -> tuple:
     """One `StoringSpec` per layer: the stack writes the new positions `[batch, T]` (where
     `valid`, a prefix of each row) and returns the written layers for `with_stored`."""
     # After the write, a slot is visible up to the last new position: later ones hold a
@@ -68,7 +73,8 @@ class KVCache:
     written = _store_positions(self.positions, positions, valid)
     last_new = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)
     key_positions = jnp.where(written <= last_new, written, -1)
-    return tuple(StoringSpec(k, v, key_positions, positions, valid, window=window)
+    return tuple(StoringSpec(k, v, key_positions, positions, valid, window=window,
+                             kernel=kernel)
                  for k, v in zip(self.k, self.v))
 
   def with_stored(self, stored, positions, valid) -> "KVCache":
@@ -125,12 +131,18 @@ class CachedSpec:
   valid: jax.Array            # [batch, T] bool
   block_start: jax.Array | None = None   # [batch] int32
   window: int = flax.struct.field(pytree_node=False, default=0)
+  kernel: tuple | None = flax.struct.field(pytree_node=False, default=None)
 
   def __call__(self, q, k, v):
     first_new = jnp.min(jnp.where(self.valid, self.positions, jnp.iinfo(jnp.int32).max),
                         axis=1, keepdims=True)
     cache_pos = jnp.where(self.cache_positions < first_new, self.cache_positions, -1)
     new_pos = jnp.where(self.valid, self.positions, -1)
+    if self.kernel is not None:
+      return _kernel_attention(self.kernel, q, self.positions, self.valid, self.cache_k,
+                               self.cache_v, cache_pos, new_k=k, new_v=v,
+                               new_positions=new_pos, window=self.window,
+                               block_start=self.block_start)
     # read in place, not concatenated
     keys = (attention.CachedKeys(self.cache_k.astype(k.dtype)), k)
     values = (attention.CachedValues(self.cache_v.astype(v.dtype)), v)
@@ -161,6 +173,7 @@ class StoringSpec:
   positions: jax.Array        # [batch, T]
   valid: jax.Array            # [batch, T] bool, a prefix of each row
   window: int = flax.struct.field(pytree_node=False, default=0)
+  kernel: tuple | None = flax.struct.field(pytree_node=False, default=None)
 
   def store(self, k, v):
     """k, v `[batch, T, kv_heads, head_dim]` -> (the `CacheView` to attend with, the
@@ -168,7 +181,7 @@ class StoringSpec:
     cache_k = _store_keys(self.cache_k, k, self.positions, self.valid)
     cache_v = _store_values(self.cache_v, v, self.positions, self.valid)
     view = CacheView(cache_k, cache_v, self.key_positions, self.positions, self.valid,
-                     window=self.window)
+                     window=self.window, kernel=self.kernel)
     return view, (cache_k, cache_v)
 
 
@@ -183,11 +196,29 @@ class CacheView:
   positions: jax.Array        # [batch, T] of the queries
   valid: jax.Array            # [batch, T] bool
   window: int = flax.struct.field(pytree_node=False, default=0)
+  kernel: tuple | None = flax.struct.field(pytree_node=False, default=None)
 
   def __call__(self, q, k, v):
     del k, v   # already in the cache
+    if self.kernel is not None:
+      return _kernel_attention(self.kernel, q, self.positions, self.valid, self.cache_k,
+                               self.cache_v, self.key_positions, window=self.window)
     mask = attention.attention_mask(self.positions[:, :, None], self.key_positions[:, None],
                                     0, 0, window=self.window)
     mask = mask & self.valid[:, :, None]
     return attention.masked_attention(q, (attention.CachedKeys(self.cache_k),),
                                       (attention.CachedValues(self.cache_v),), mask)
+
+
+def kernel_cache_size(size: int) -> int:
+  """A cache size the attention kernel takes: `size` rounded up to its key block."""
+  from pallas_kernels import diffusion as kernels  # pylint: disable=g-import-not-at-top
+  return -(-size // kernels.CACHE_MULTIPLE) * kernels.CACHE_MULTIPLE
+
+
+def _kernel_attention(kernel, q, positions, valid, cache_k, cache_v, cache_positions, **kw):
+  """`pallas_kernels.diffusion.cached_attention` with `kernel` = (backend, interpret)."""
+  from pallas_kernels import diffusion as kernels  # pylint: disable=g-import-not-at-top
+  backend, interpret = kernel
+  return kernels.cached_attention(q, positions, valid, cache_k, cache_v, cache_positions,
+                                  backend=backend, interpret=interpret, **kw)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from bltjax import bytes as blt_bytes
+from bltjax.generate import caches
 from bltjax.generate.caches import KVCache
 from bltjax.model import blt as blt_lib
 from bltjax.model import entropy_model as entropy_lib
@@ -130,7 +131,17 @@ class Engine:
       params["entropy"] = laid_out(params["entropy"], "transformer", self.entropy_config)
     return params
 
+  @staticmethod
+  def attention_kernel(cfg: layers.TransformerConfig):
+    """What a stack's caches attend with: None (XLA) or the kernel's (backend, interpret)
+    when its config asks for `attention_impl="pallas"` (`caches.CachedSpec`)."""
+    if cfg.attention_impl != "pallas":
+      return None
+    return (cfg.attention_backend or None, cfg.attention_interpret)
+
   def _stack_cache(self, cfg: layers.TransformerConfig, batch: int, size: int) -> KVCache:
+    if self.attention_kernel(cfg) is not None:
+      size = caches.kernel_cache_size(size)
     return KVCache.empty(cfg.n_layers, batch, size, cfg.kv_heads, cfg.head_dim,
                          cfg.compute_dtype)
 
@@ -175,26 +186,28 @@ class Engine:
     return bound.encoder.embed(new_tokens, self.hash_ids(tokens_buffer, positions[:, 0],
                                                          new_tokens.shape[1]))
 
-  @staticmethod
-  def _local_specs(cache: KVCache, positions, valid, window: int, block_start, store: bool):
+  def _local_specs(self, cfg: layers.TransformerConfig, cache: KVCache, positions, valid,
+                   block_start, store: bool):
+    kernel = self.attention_kernel(cfg)
     if store:
-      return cache.storing_specs(positions, valid, window=window)
-    return cache.specs(positions, valid, window=window, block_start=block_start)
+      return cache.storing_specs(positions, valid, window=cfg.window, kernel=kernel)
+    return cache.specs(positions, valid, window=cfg.window, block_start=block_start,
+                       kernel=kernel)
 
   def encode_bytes(self, bound, tokens_buffer, new_tokens, positions, valid, cache, *,
                    block_start=None, store=False):
     """Encoder byte layers on new positions (over `cache`): states and per-layer (k, v),
     or with `store` the written cache layers (for `cache.with_stored`)."""
     x = self.embed_bytes(bound, tokens_buffer, new_tokens, positions)
-    specs = self._local_specs(cache, positions, valid, self.config.encoder.window,
-                              block_start, store)
+    specs = self._local_specs(self.config.encoder, cache, positions, valid, block_start,
+                              store)
     return bound.encoder.layers(x, positions, specs)
 
   def decode_bytes(self, bound, states, positions, valid, read_patch, state: GenState, *,
                    block_start=None, store=False):
     """Decoder logits and per-layer (k, v) (or with `store` the written cache layers)."""
-    specs = self._local_specs(state.decoder_cache, positions, valid,
-                              self.config.decoder.window, block_start, store)
+    specs = self._local_specs(self.config.decoder, state.decoder_cache, positions, valid,
+                              block_start, store)
     return bound.decoder(states, positions, specs, state.patch_slots, read_patch)
 
   def _starts(self, state: GenState):
@@ -242,7 +255,8 @@ class Engine:
       first_needed = jnp.sum(patch_ids < state.num_patches[:, None], axis=1)
       fits = jnp.all(state.length - first_needed <= span)
       vectors = jax.lax.cond(fits, lambda: pool(span), lambda: pool(self.max_len))
-    specs = state.global_cache.specs(new_ids, new_valid, window=0)
+    specs = state.global_cache.specs(new_ids, new_valid, window=0,
+                                     kernel=self.attention_kernel(cfg.global_model))
     out, kvs = bound.global_model(vectors, jnp.ones_like(new_ids), new_ids, specs)
     patch_vectors = bound.decoder.patch_vectors(out).astype(state.patch_slots.dtype)
     pad = lambda x: jnp.pad(x, [(0, 0), (0, width - group)] + [(0, 0)] * (x.ndim - 2))
@@ -284,7 +298,8 @@ class Engine:
     # 1. entropy model
     entropies, entropy_cache = state.entropies, state.entropy_cache
     if self.entropy_model is not None:
-      specs = entropy_cache.storing_specs(positions, valid, window=self.entropy_config.window)
+      specs = entropy_cache.storing_specs(positions, valid, window=self.entropy_config.window,
+                                          kernel=self.attention_kernel(self.entropy_config))
       logits, stored = self.entropy_model.apply({"params": params["entropy"]}, new_tokens,
                                                 positions, specs,
                                                 method=entropy_lib.EntropyModel.forward)

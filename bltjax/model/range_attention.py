@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from bltjax.model import attention
 from bltjax.model.kernel_sharding import mesh_axes, spec_entry, split
 
+
 def _kernel_call(q, k, v, ranges, backend, interpret):
   from pallas_kernels import diffusion  # pylint: disable=g-import-not-at-top
   return diffusion.range_attention(q, k, v, ranges, backend=backend, interpret=interpret)

@@ -8,15 +8,23 @@ Public API:
   unmask_step(logits, block, still_masked, threshold, *, rule, tokens=None, backend=None)
       one BLT-D decoder step's unmasking (confidence or entropy-bounded rule), fused
   unmask_reference(...)                         its pure jnp ground truth
+  cached_attention(q, q_positions, q_valid, cache_k, cache_v, cache_positions,
+                   new_k=None, new_v=None, new_positions=None, *, window, block_start)
+      a decoding step's attention over a KV cache (+ its new keys), one kernel per layer
+  cached_attention_reference(...)               its pure jnp ground truth
 
 See README.md in this directory.
 """
 
-from .ops import BACKENDS, default_backend, range_attention
-from .reference import RULES, range_attention_reference, ranges_mask, unmask_reference
+from .backends import BACKENDS, default_backend
+from .decode_attention import CACHE_MULTIPLE, cached_attention
+from .ops import range_attention
+from .reference import (RULES, cached_attention_reference, range_attention_reference,
+                        ranges_mask, unmask_reference)
 from .tiles import occupancy, tile_bounds
 from .unmask import unmask_step
 
-__all__ = ["BACKENDS", "RULES", "default_backend", "occupancy", "range_attention",
+__all__ = ["BACKENDS", "CACHE_MULTIPLE", "RULES", "cached_attention",
+           "cached_attention_reference", "default_backend", "occupancy", "range_attention",
            "range_attention_reference", "ranges_mask", "tile_bounds", "unmask_reference",
            "unmask_step"]

@@ -16,29 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import backends
 from . import kernels
 from . import tiles as tiles_lib
 from .reference import range_attention_reference
 
-BACKENDS = ("gpu", "tpu", "xla")
 GPU_DEFAULTS = dict(bq=64, bk=64, num_warps=4, num_stages=2)
 TPU_DEFAULTS = dict(bq=128, bk=128)
-
-
-def default_backend() -> str:
-  b = jax.default_backend()
-  return b if b in ("gpu", "tpu") else "xla"
-
-
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
-
-
-def _pow2_at_least(n: int, lo: int = 16) -> int:
-  p = lo
-  while p < n:
-    p *= 2
-  return p
 
 
 def _heads_major(x, length: int, d: int):
@@ -55,9 +39,7 @@ def range_attention(q, k, v, ranges, *, backend: str | None = None, interpret=Fa
   Tiles: `bq`, `bk` (GPU: powers of 2 >= 16; TPU: multiples of 8, 16 for bf16), and on GPU
   `num_warps`, `num_stages`. Q and K need not divide the tiles (padded inside).
   """
-  backend = default_backend() if backend is None else backend
-  if backend not in BACKENDS:
-    raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+  backend = backends.resolve(backend)
   ranges = tuple(jnp.asarray(r, jnp.int32) for r in ranges)
   if len(ranges) != 4 or any(r.shape != q.shape[:2] for r in ranges):
     raise ValueError(f"ranges must be 4 arrays [batch, q_len] = {q.shape[:2]}, got "
@@ -80,8 +62,8 @@ def range_attention(q, k, v, ranges, *, backend: str | None = None, interpret=Fa
 def _prepare(tiles: kernels.Tiles, q, k, v, ranges):
   """Heads-major, padded operands and the block tables."""
   q_len, k_len, d = q.shape[1], k.shape[1], q.shape[3]
-  qp, kp = _round_up(q_len, tiles.bq), _round_up(k_len, tiles.bk)
-  dp = _pow2_at_least(d) if tiles.backend == "gpu" else d
+  qp, kp = backends.round_up(q_len, tiles.bq), backends.round_up(k_len, tiles.bk)
+  dp = backends.pow2_at_least(d) if tiles.backend == "gpu" else d
   qh, kh, vh = _heads_major(q, qp, dp), _heads_major(k, kp, dp), _heads_major(v, kp, dp)
   padded = tuple(jnp.pad(r, [(0, 0), (0, qp - q_len)]) for r in ranges)  # padding: empty
   bounds = tiles_lib.tile_bounds(padded, bq=tiles.bq, bk=tiles.bk)

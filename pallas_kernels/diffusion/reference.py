@@ -88,3 +88,62 @@ def unmask_reference(logits, block, still_masked, threshold, *, rule: str = "con
   else:
     raise ValueError(f"rule {rule!r} is not one of {RULES}")
   return jnp.where(reveal, tokens, block), still_masked & ~reveal
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def cached_attention_mask(q_positions, q_valid, cache_positions, new_positions=None, *,
+                          window: int = 0, block_start=None):
+  """`[batch, T, S (+ T)]` bool: which cache slots (and new keys) each new query sees.
+
+  A cache slot holding position kp (-1: empty or not visible) is seen by a valid query
+  at qp when `kp <= qp` and, with a window W, `qp - kp < W`. A new key at np (-1:
+  invalid) likewise, or, with `block_start` `[batch]`, when both np and qp are at or
+  after the row's block start (a BLT-D block sees itself bidirectionally)."""
+  qp = q_positions[:, :, None]
+
+  def sees(kp):
+    seen = (kp >= 0) & (kp <= qp)
+    return seen & (qp - kp < window) if window else seen
+
+  mask = sees(cache_positions[:, None, :])
+  if new_positions is not None:
+    np_ = new_positions[:, None, :]
+    new = sees(np_)
+    if block_start is not None:
+      start = block_start[:, None, None]
+      new = new | ((np_ >= 0) & (np_ >= start) & (qp >= start))
+    mask = jnp.concatenate([mask, new], axis=2)
+  return mask & q_valid[:, :, None]
+
+
+def cached_attention_reference(q, q_positions, q_valid, cache_k, cache_v, cache_positions,
+                               new_k=None, new_v=None, new_positions=None, *,
+                               window: int = 0, block_start=None):
+  """Attention of T new queries over a KV cache (and optionally their own new keys).
+
+  q `[B, T, H, D]`; cache_k `[B, G, S, D]`, cache_v `[B, G, D, S]` (a generation cache's
+  layout, read where it lies); cache_positions `[B, S]`; new_k, new_v `[B, T, G, D]`,
+  new_positions `[B, T]`. Visibility: `cached_attention_mask`. Rows that see nothing
+  return zeros."""
+  b, t, heads, d = q.shape
+  groups = cache_k.shape[1]
+  qg = q.reshape(b, t, groups, heads // groups, d)
+  scores = [jnp.einsum("bqgrd,bgkd->bgrqk", qg, cache_k.astype(q.dtype),
+                       preferred_element_type=jnp.float32)]
+  if new_k is not None:
+    scores.append(jnp.einsum("bqgrd,bkgd->bgrqk", qg, new_k.astype(q.dtype),
+                             preferred_element_type=jnp.float32))
+  scores = jnp.concatenate(scores, axis=-1) * d ** -0.5
+  mask = cached_attention_mask(q_positions, q_valid, cache_positions, new_positions,
+                               window=window, block_start=block_start)[:, None, None]
+  probs = jnp.where(mask, jax.nn.softmax(jnp.where(mask, scores, _NEG_INF), axis=-1), 0.0)
+  probs = probs.astype(q.dtype)
+  size = cache_k.shape[2]
+  out = jnp.einsum("bgrqk,bgdk->bqgrd", probs[..., :size], cache_v.astype(q.dtype),
+                   preferred_element_type=jnp.float32)
+  if new_k is not None:
+    out = out + jnp.einsum("bgrqk,bkgd->bqgrd", probs[..., size:], new_v.astype(q.dtype),
+                           preferred_element_type=jnp.float32)
+  return out.reshape(q.shape).astype(q.dtype)

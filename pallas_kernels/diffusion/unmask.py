@@ -24,9 +24,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from . import backends
 from .reference import RULES, unmask_reference
 
-BACKENDS = ("gpu", "tpu", "xla")
 _NEG = -1e30
 
 
@@ -80,18 +80,6 @@ def _unmask_kernel(thr_ref, logits_ref, tokens_ref, block_ref, still_ref, out_bl
   out_still_ref[...] = (still & ~reveal).astype(jnp.int32)
 
 
-def _pow2_at_least(n: int) -> int:
-  p = 1
-  while p < n:
-    p *= 2
-  return p
-
-
-def default_backend() -> str:
-  b = jax.default_backend()
-  return b if b in ("gpu", "tpu") else "xla"
-
-
 def unmask_step(logits, block, still_masked, threshold, *, rule: str = "confidence",
                 tokens=None, never_ids=(0, 1, 3), subtract_max: bool = True,
                 backend: str | None = None, interpret: Any = False, num_warps: int = 4):
@@ -101,9 +89,7 @@ def unmask_step(logits, block, still_masked, threshold, *, rule: str = "confiden
   `reference.unmask_reference` for the rules. `backend` as in `range_attention`."""
   if rule not in RULES:
     raise ValueError(f"rule {rule!r} is not one of {RULES}")
-  backend = default_backend() if backend is None else backend
-  if backend not in BACKENDS:
-    raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+  backend = backends.resolve(backend)
   rows, bk, vocab = logits.shape
   if block.shape != (rows, bk) or still_masked.shape != (rows, bk):
     raise ValueError(f"block {block.shape} and still_masked {still_masked.shape} must be "
@@ -111,8 +97,8 @@ def unmask_step(logits, block, still_masked, threshold, *, rule: str = "confiden
   if backend == "xla":
     return unmask_reference(logits, block, still_masked, threshold, rule=rule, tokens=tokens,
                             never_ids=never_ids, subtract_max=subtract_max)
-  bkp = _pow2_at_least(bk) if backend == "gpu" else bk
-  vp = _pow2_at_least(vocab) if backend == "gpu" else -(-vocab // 128) * 128
+  bkp = backends.pow2_at_least(bk, 1) if backend == "gpu" else bk
+  vp = backends.pow2_at_least(vocab) if backend == "gpu" else backends.round_up(vocab, 128)
   column = lambda x: jnp.pad(x.astype(jnp.int32), [(0, 0), (0, bkp - bk)])[:, :, None]
   logits_p = jnp.pad(logits, [(0, 0), (0, bkp - bk), (0, vp - vocab)])
   thr = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), (rows,)).reshape(rows, 1, 1)

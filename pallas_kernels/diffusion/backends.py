@@ -1,0 +1,34 @@
+"""Which kernel a call runs, and the padding rules the backends need."""
+
+from __future__ import annotations
+
+import jax
+
+BACKENDS = ("gpu", "tpu", "xla")
+
+
+def default_backend() -> str:
+  """"gpu" (Pallas Triton) or "tpu" (Pallas Mosaic) on those platforms, else "xla" (the
+  pure-jnp reference)."""
+  b = jax.default_backend()
+  return b if b in ("gpu", "tpu") else "xla"
+
+
+def resolve(backend: str | None) -> str:
+  """`backend`, or the platform's default when None; unknown names are errors."""
+  backend = default_backend() if backend is None else backend
+  if backend not in BACKENDS:
+    raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+  return backend
+
+
+def pow2_at_least(n: int, lo: int = 16) -> int:
+  """The smallest power of 2 >= max(n, lo) (Triton's block shapes)."""
+  p = lo
+  while p < n:
+    p *= 2
+  return p
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple

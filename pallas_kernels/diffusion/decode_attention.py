@@ -1,0 +1,152 @@
+"""`cached_attention`: a decoding step's attention over a KV cache, as one kernel.
+
+T new positions (one AR byte, a BLT-S draft under verification, a BLT-D block, the
+global model's new patches) attend over a fixed-size cache whose slots carry their
+positions, and optionally over their own new keys: causally, or, from `block_start`
+on, bidirectionally within the block (BLT-D). XLA runs a step's attention per layer as
+two matmuls and the mask/softmax fusions around them; on a GPU a decoding step is a
+chain of such small launches, and this kernel is one per layer.
+
+Layout: the cache as generation keeps it (keys `[B, G, S, D]`, values `[B, G, D, S]`),
+read where it lies; grid (batch, heads); one program holds all T queries (padded to a
+tile), loops over the cache in blocks of `bk` slots (S % bk == 0: generation rounds
+cache sizes to a multiple of 128 when the kernel is on) with an online softmax, then
+over the new keys. The loop is unrolled over static slices (S / bk is small: the
+cache holds a window), so the values' lane-dim slices stay static for Mosaic. Forward
+only (decoding).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from . import backends
+from .reference import cached_attention_reference
+
+CACHE_MULTIPLE = 128   # cache sizes the kernel takes: a multiple of this
+_NEG = -1e30
+_NT = (((1,), (1,)), ((), ()))
+_NO_BLOCK = jnp.iinfo(jnp.int32).max
+
+
+def _sees(kp, qp, window):
+  seen = (kp >= 0) & (kp <= qp)
+  return seen & (qp - kp < window) if window else seen
+
+
+def _kernel(q_ref, qpos_ref, qvalid_ref, start_ref, ck_ref, cv_ref, cpos_ref, *rest,
+            bk, window, scale, has_new):
+  if has_new:
+    nk_ref, nv_ref, npos_ref, o_ref = rest
+  else:
+    (o_ref,) = rest
+  q = q_ref[...]                                   # [Tp, D]
+  qp = qpos_ref[...]                               # [Tp, 1]
+  valid = qvalid_ref[...] != 0
+  tp, d = q.shape
+
+  def update(carry, s, vis, values, values_t):
+    m, l, acc = carry
+    s = jnp.where(vis, s, _NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    p = jnp.where(vis, jnp.exp(s - m_new), 0.0)
+    corr = jnp.exp(m - m_new)
+    p = p.astype(q.dtype)
+    if values_t:   # values [D, bk]: p @ values^T
+      pv = lax.dot_general(p, values, _NT, preferred_element_type=jnp.float32)
+    else:
+      pv = jnp.dot(p, values, preferred_element_type=jnp.float32)
+    return (m_new, l * corr + jnp.sum(p.astype(jnp.float32), axis=1, keepdims=True),
+            acc * corr + pv)
+
+  carry = (jnp.full((tp, 1), _NEG, jnp.float32), jnp.zeros((tp, 1), jnp.float32),
+           jnp.zeros((tp, d), jnp.float32))
+  for k0 in range(0, ck_ref.shape[0], bk):
+    kb = ck_ref[k0:k0 + bk, :].astype(q.dtype)
+    kp = cpos_ref[:, k0:k0 + bk]                   # [1, bk]
+    s = lax.dot_general(q, kb, _NT, preferred_element_type=jnp.float32) * scale
+    carry = update(carry, s, _sees(kp, qp, window) & valid, cv_ref[:, k0:k0 + bk]
+                   .astype(q.dtype), True)
+  if has_new:
+    kb = nk_ref[...].astype(q.dtype)
+    kp = npos_ref[...]                             # [1, Tp]
+    start = start_ref[...]                         # [1, 1]
+    in_block = (kp >= 0) & (kp >= start) & (qp >= start)
+    s = lax.dot_general(q, kb, _NT, preferred_element_type=jnp.float32) * scale
+    carry = update(carry, s, (_sees(kp, qp, window) | in_block) & valid,
+                   nv_ref[...].astype(q.dtype), False)
+  _, l, acc = carry
+  seen = l > 0
+  o_ref[...] = jnp.where(seen, acc / jnp.where(seen, l, 1.0), 0.0).astype(o_ref.dtype)
+
+
+def cached_attention(q, q_positions, q_valid, cache_k, cache_v, cache_positions,
+                     new_k=None, new_v=None, new_positions=None, *, window: int = 0,
+                     block_start=None, backend: str | None = None, interpret: Any = False,
+                     bk: int = 128, num_warps: int = 4):
+  """q `[B, T, H, D]`, q_positions `[B, T]` int32, q_valid `[B, T]` bool; cache_k
+  `[B, G, S, D]`, cache_v `[B, G, D, S]`, cache_positions `[B, S]` (-1: not visible);
+  optionally new_k, new_v `[B, T, G, D]` and new_positions `[B, T]` (-1: invalid);
+  block_start `[B]` or None. -> `[B, T, H, D]` (see `reference.cached_attention_mask`).
+
+  Kernels need S % bk == 0 (`CACHE_MULTIPLE` does) and, on GPU, head_dim a power of 2
+  >= 16. `backend` as in `range_attention` ("xla": the reference, reading the cache in
+  place)."""
+  backend = backends.resolve(backend)
+  b, t, heads, d = q.shape
+  groups, size = cache_k.shape[1], cache_k.shape[2]
+  if cache_v.shape != (b, groups, d, size):
+    raise ValueError(f"cache_v {cache_v.shape} must be [batch, kv_heads, head_dim, size] = "
+                     f"{(b, groups, d, size)} (cache_k {cache_k.shape})")
+  if backend == "xla":
+    return cached_attention_reference(q, q_positions, q_valid, cache_k, cache_v,
+                                      cache_positions, new_k, new_v, new_positions,
+                                      window=window, block_start=block_start)
+  bk = min(bk, size)
+  if size % bk:
+    raise ValueError(f"cache size {size} is not a multiple of the key block {bk}: size "
+                     f"caches to a multiple of {CACHE_MULTIPLE} for the kernel")
+  if backend == "gpu" and (d < 16 or d & (d - 1) or bk & (bk - 1)):
+    raise ValueError(f"GPU kernel needs head_dim ({d}) and bk ({bk}) powers of 2 >= 16 "
+                     "(Triton)")
+  tp = backends.pow2_at_least(t) if backend == "gpu" else backends.round_up(t, 8)
+  pad_t = lambda x, value=0: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2),
+                                     constant_values=value)
+  qh = pad_t(q).transpose(0, 2, 1, 3)                             # [B, H, Tp, D]
+  column = lambda x: pad_t(x.astype(jnp.int32))[:, :, None]       # [B, Tp, 1]
+  start = jnp.full((b,), _NO_BLOCK, jnp.int32) if block_start is None else block_start
+  inputs = [qh, column(q_positions), column(q_valid), start.astype(jnp.int32).reshape(b, 1, 1),
+            cache_k, cache_v, cache_positions.astype(jnp.int32)[:, None, :]]
+  rep = heads // groups
+  group = lambda h: lax.div(h, rep) if rep > 1 else h
+  per_row = lambda shape: pl.BlockSpec((None, *shape), lambda i, h: (i, 0, 0))
+  specs = [pl.BlockSpec((None, None, tp, d), lambda i, h: (i, h, 0, 0)),
+           per_row((tp, 1)), per_row((tp, 1)), per_row((1, 1)),
+           pl.BlockSpec((None, None, size, d), lambda i, h: (i, group(h), 0, 0)),
+           pl.BlockSpec((None, None, d, size), lambda i, h: (i, group(h), 0, 0)),
+           per_row((1, size))]
+  has_new = new_k is not None
+  if has_new:
+    inputs += [pad_t(new_k).transpose(0, 2, 1, 3), pad_t(new_v).transpose(0, 2, 1, 3),
+               pad_t(new_positions.astype(jnp.int32), -1)[:, None, :]]
+    specs += [pl.BlockSpec((None, None, tp, d), lambda i, h: (i, group(h), 0, 0))] * 2
+    specs += [per_row((1, tp))]
+  if backend == "tpu":
+    params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+  else:
+    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+  kernel = functools.partial(_kernel, bk=bk, window=window, scale=d ** -0.5, has_new=has_new)
+  out = pl.pallas_call(
+      kernel, grid=(b, heads), in_specs=specs,
+      out_specs=pl.BlockSpec((None, None, tp, d), lambda i, h: (i, h, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, heads, tp, d), q.dtype),
+      compiler_params=params, interpret=interpret, name="cached_attention")(*inputs)
+  return out.transpose(0, 2, 1, 3)[:, :t]

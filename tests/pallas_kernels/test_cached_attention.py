@@ -1,0 +1,133 @@
+"""pallas_kernels.diffusion.cached_attention: a decoding step's attention over a KV
+cache. Its reference equals the XLA specs generation runs (`generate.caches.CachedSpec`,
+`CacheView`); the kernels equal the reference (interpret mode) and lower for Triton and
+Mosaic."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bltjax.generate import caches
+from pallas_kernels.diffusion import decode_attention as ca
+from pallas_kernels.diffusion.reference import cached_attention_reference
+
+B, H, G, D, S = 2, 4, 2, 16, 256
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-6))
+
+
+def step(seed, t, lengths=(300, 37), n_valid=None, dtype=jnp.float32, history=60):
+  """A decoding step: T new positions after `lengths`, a ring cache of S slots holding
+  the last `history` positions of each row (slot p % S), -1 elsewhere."""
+  rng = np.random.default_rng(seed)
+  make = lambda *s: jnp.asarray(rng.normal(size=s), dtype)
+  lengths = np.asarray(lengths)
+  n_valid = np.full(B, t) if n_valid is None else np.asarray(n_valid)
+  positions = jnp.asarray(lengths[:, None] + np.arange(t), jnp.int32)
+  valid = jnp.asarray(np.arange(t)[None] < n_valid[:, None])
+  slots = np.full((B, S), -1)
+  for r in range(B):
+    for p in range(max(0, lengths[r] - history), lengths[r]):
+      slots[r, p % S] = p
+  return dict(q=make(B, t, H, D), positions=positions, valid=valid,
+              cache_k=make(B, G, S, D), cache_v=make(B, G, D, S),
+              cache_positions=jnp.asarray(slots, jnp.int32), new_k=make(B, t, G, D),
+              new_v=make(B, t, G, D), lengths=jnp.asarray(lengths, jnp.int32))
+
+
+def kernel_out(x, backend, *, new, block, window, bk=64):
+  kw = {}
+  if new:
+    kw = dict(new_k=x["new_k"], new_v=x["new_v"],
+              new_positions=jnp.where(x["valid"], x["positions"], -1))
+  if block:
+    kw["block_start"] = x["lengths"]
+  args = (x["q"], x["positions"], x["valid"], x["cache_k"], x["cache_v"],
+          x["cache_positions"])
+  if backend == "reference":
+    return cached_attention_reference(*args, window=window, **kw)
+  return ca.cached_attention(*args, window=window, backend=backend, interpret=True,
+                             bk=bk if backend == "gpu" else 128, **kw)
+
+
+CASES = [  # (T, new keys, BLT-D block, window, valid per row)
+    (1, False, False, 0, None),      # an AR step (keys already stored: CacheView)
+    (5, False, False, 40, (5, 3)),   # a BLT-S verification, ragged rows
+    (8, True, True, 40, (8, 6)),     # a BLT-D block over the cache and itself
+    (3, True, False, 0, (3, 0)),     # the global model's new patches; a row with none
+]
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_equals_reference(backend, case, dtype):
+  t, new, block, window, n_valid = case
+  x = step(t, t, n_valid=n_valid, dtype=dtype)
+  want = kernel_out(x, "reference", new=new, block=block, window=window)
+  got = kernel_out(x, backend, new=new, block=block, window=window)
+  assert got.shape == x["q"].shape and got.dtype == dtype
+  assert rel_err(got, want) < TOL[dtype]
+  invalid = ~np.asarray(x["valid"])
+  np.testing.assert_array_equal(np.asarray(got, np.float32)[invalid], 0.0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_equals_the_generation_specs(case):
+  """The XLA specs of `generate.caches` on the same step: CachedSpec (reads the cache and
+  the new keys) and, for cache-only steps, CacheView (the keys already stored)."""
+  t, new, block, window, n_valid = case
+  x = step(t + 10, t, n_valid=n_valid)
+  want = kernel_out(x, "reference", new=new, block=block, window=window)
+  if new:
+    spec = caches.CachedSpec(x["cache_k"], x["cache_v"], x["cache_positions"],
+                             x["positions"], x["valid"],
+                             x["lengths"] if block else None, window=window)
+    got = spec(x["q"], x["new_k"], x["new_v"])
+  else:
+    view = caches.CacheView(x["cache_k"], x["cache_v"], x["cache_positions"],
+                            x["positions"], x["valid"], window=window)
+    got = view(x["q"], None, None)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("platform,backend", [("cuda", "gpu"), ("tpu", "tpu")])
+def test_cross_lowering(platform, backend):
+  b, h, g, d, size = 2, 8, 4, 64, 640   # a 512 window + slack, rounded to 128
+  for t, new, block, dtype in ((1, False, False, jnp.bfloat16), (8, True, True, jnp.bfloat16),
+                               (9, True, False, jnp.float32)):
+    shapes = (jax.ShapeDtypeStruct((b, t, h, d), dtype), jax.ShapeDtypeStruct((b, t), jnp.int32),
+              jax.ShapeDtypeStruct((b, t), bool), jax.ShapeDtypeStruct((b, g, size, d), dtype),
+              jax.ShapeDtypeStruct((b, g, d, size), dtype),
+              jax.ShapeDtypeStruct((b, size), jnp.int32),
+              jax.ShapeDtypeStruct((b, t, g, d), dtype), jax.ShapeDtypeStruct((b, t, g, d), dtype),
+              jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32))
+
+    def fn(q, qp, qv, ck, cv, cp, nk, nv, npos, start):
+      kw = dict(new_k=nk, new_v=nv, new_positions=npos) if new else {}
+      return ca.cached_attention(q, qp, qv, ck, cv, cp, window=512, backend=backend,
+                                 block_start=start if block else None, **kw)
+
+    text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
+    assert re.search(r"cached_attention", text), (t, new, block)
+
+
+def test_bad_arguments_are_named():
+  x = step(0, 1)
+  args = (x["q"], x["positions"], x["valid"], x["cache_k"], x["cache_v"],
+          x["cache_positions"])
+  with pytest.raises(ValueError, match="not a multiple of the key block"):
+    ca.cached_attention(*args, backend="tpu", bk=96)
+  with pytest.raises(ValueError, match="powers of 2 >= 16"):
+    ca.cached_attention(x["q"][..., :8], *args[1:3], x["cache_k"][..., :8],
+                        x["cache_v"][:, :, :8], args[5], backend="gpu")
+  with pytest.raises(ValueError, match=r"cache_v .* must be \[batch, kv_heads, head_dim"):
+    ca.cached_attention(*args[:4], x["cache_v"].swapaxes(2, 3), args[5], backend="gpu")
+  assert caches.kernel_cache_size(544) == 640 and caches.kernel_cache_size(128) == 128
