@@ -20,6 +20,7 @@ long.
   python bench/generation.py --workdir runs/bench/bltd8 --quick    # a smoke run
   python bench/generation.py --workdir runs/bench/bltd8 --temperature 1.0   # sampled
   python bench/generation.py --workdir runs/bench/bltd8 --quick --blt_d_alphas 0,0.3,0.5
+  python bench/generation.py --workdir DIR --quick --kernels   # GPU/TPU: + Pallas rows
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def main(argv=None):
   parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
   parser.add_argument("--top_p", type=float, default=1.0)
   parser.add_argument("--seed", type=int, default=0, help="sampling seed (every method)")
+  parser.add_argument("--kernels", action="store_true",
+                      help="also each setting with the Pallas decoding kernels "
+                      "(attention_impl=pallas, unmask_impl=pallas), labelled '+kernels'")
   parser.add_argument("--no_append", action="store_true")
   args = parser.parse_args(argv)
   sampling = sampling_options(args.temperature, args.top_p, args.seed)
@@ -83,6 +87,10 @@ def main(argv=None):
   chosen += [(f"BLT-D-8 a={alpha:g}", "blt_d", {"block_size": 8, "alpha": alpha})
              for alpha in args.blt_d_alphas
              if f"BLT-D-8 a={alpha:g}" not in {label for label, _, _ in chosen}]
+  if args.kernels:
+    kernels = {"attention_impl": "pallas", "unmask_impl": "pallas"}
+    chosen += [(f"{label} +kernels", method, {**options, **kernels})
+               for label, method, options in chosen]
   settings = [(label, method, {**options, **sampling}) for label, method, options in chosen]
   rows = []
   for batch in args.batch_sizes:

@@ -12,7 +12,8 @@
 #
 # Steps, most wanted first: gen_train generation diffusion_kernels sparse_ffn hf_peer
 # sparse_ffn_train (budgets: 475 s in all). Only when named: generation_all (every
-# generation setting, ~6 min), decode_layers (scanned vs unrolled decoding, ~4 min),
+# generation setting, ~6 min), generation_kernels (the quick table with and without the
+# Pallas decoding kernels, ~5 min), decode_layers (scanned vs unrolled decoding, ~4 min),
 # fused_projections (q/k/v and gate/up fused vs apart in decoding, ~4 min), bltd8_400m
 # (its init compile alone outran 60 s on an H200, 2026-11-27) and entropy_100m (recorded
 # on an H200 on 2026-11-27): the 8 minutes cannot hold them. Each step has its own time budget;
@@ -66,6 +67,10 @@ for step in $STEPS; do
     # batch 1 (13 generate programs at 13-26 s of compilation each on an H200).
     generation_all) run 360 bench/generation.py --workdir "$GEN_DIR" --prompts 4 \
         --batch_sizes 1 --rounds 2 ;;
+    # Only when named (after gen_train): the quick table with and without the Pallas
+    # decoding kernels (cached attention per layer, BLT-D's fused unmasking).
+    generation_kernels) run 300 bench/generation.py --workdir "$GEN_DIR" --quick \
+        --prompts 4 --batch_sizes 1 --rounds 2 --kernels ;;
     # Issue 6, only when named (after gen_train): the generation model's global stack
     # decoded scanned and unrolled, compile seconds and bytes/s of each.
     decode_layers) run 300 bench/decode_layers.py --workdir "$GEN_DIR" --batch_sizes 1 \
@@ -106,8 +111,8 @@ for step in $STEPS; do
         --workdir /tmp/bltjax_gpu_hf_peer --hf_python "$PY" --device cuda --batch_sizes 1 \
         --batch1_prompts 2 --methods ar ;;
     *) echo "unknown step '$step' (steps: gen_train generation generation_all decode_layers" \
-            "fused_projections entropy_100m bltd8_400m diffusion_kernels sparse_ffn" \
-            "sparse_ffn_train hf_peer)"; exit 2 ;;
+            "fused_projections generation_kernels entropy_100m bltd8_400m diffusion_kernels" \
+            "sparse_ffn sparse_ffn_train hf_peer)"; exit 2 ;;
   esac
 done
 exit $STATUS
