@@ -159,3 +159,55 @@ def two_train_steps(trainer, make_batch):
     state, metrics = trainer.train_step(state, batch, trainer.frozen)
     rows.append(jax.device_get(metrics))
   return rows, jax.device_get(state.params)
+
+
+def packed_batch(seed: int = 0, batch: int = 8, length: int = 48) -> dict:
+  """Random bytes in rows of two documents (even rows) or one, a quarter of the rows
+  ending in padding: numpy `inputs`, `targets`, `segment_ids` `[batch, length]`."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(4, 260, (batch, length + 1)).astype(np.int32)
+  segment_ids = np.ones((batch, length), np.int32)
+  segment_ids[::2, length * 5 // 8:] = 2
+  segment_ids[1::4, length * 5 // 6:] = 0   # padding: bytes and patches that must not count
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids}
+
+
+def loss_and_grads(config, params, batch, seed: int = 0):
+  """The config's objective on `batch`: (loss, metrics, grads), jitted."""
+  import jax  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  from bltjax import objectives  # pylint: disable=g-import-not-at-top
+  objective = objectives.make_objective(config)
+  fn = jax.jit(jax.value_and_grad(
+      lambda p: objective.loss(p, batch, jax.random.PRNGKey(seed)), has_aux=True))
+  (loss, metrics), grads = fn(params)
+  return float(loss), jax.device_get(metrics), grads
+
+
+def shard_map_body_of_train_step(trainer, batch_size: int, seq_len: int, platform: str) -> str:
+  """The train step lowered for `platform` ("cuda" | "tpu") on the trainer's mesh, from
+  its first shard_map body on (Shardy or GSPMD): where a kernel's custom call must be."""
+  import jax  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  from bltjax import sharding, train  # pylint: disable=g-import-not-at-top
+  batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                      sharding=trainer.batch_sharding),
+                       train.abstract_batch(batch_size, seq_len))
+  with sharding.use_mesh(trainer.mesh):
+    text = trainer._jit_train_step.trace(trainer.abstract_state, batch, None).lower(
+        lowering_platforms=(platform,)).as_text()
+  starts = [text.find(m) for m in ("sdy.manual_computation", "SPMDFullToShardShape")]
+  return text[min(i for i in starts if i >= 0):]
+
+
+def assert_runs_match(want, got, keys, *, tol: float = 2e-5):
+  """Two `two_train_steps` results agree: each step's metrics `keys` (relative `tol`) and
+  every final parameter (absolute `tol`)."""
+  import jax  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  (want_rows, want_params), (got_rows, got_params) = want, got
+  for a, b in zip(want_rows, got_rows):
+    for key in keys:
+      np.testing.assert_allclose(b[key], a[key], rtol=tol, err_msg=key)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want_params),
+                          jax.tree.leaves(got_params)):
+    np.testing.assert_allclose(b, a, atol=tol, err_msg=jax.tree_util.keystr(path))

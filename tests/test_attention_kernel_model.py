@@ -20,7 +20,9 @@ from bltjax import train
 from bltjax.model import attention
 from bltjax.model import layers
 from bltjax.model import range_attention
-from conftest import assert_trees_close, tiny_blt_config, tiny_entropy_config, two_train_steps
+from conftest import (assert_runs_match, assert_trees_close, loss_and_grads, packed_batch,
+                      shard_map_body_of_train_step, tiny_blt_config, tiny_entropy_config,
+                      two_train_steps)
 
 
 def _set_attention(config, impl="xla", backend="", interpret=False):
@@ -40,13 +42,8 @@ def _config(tiny_corpus, impl="xla", backend="", interpret=False, mesh=(1, 1, 1)
   return config
 
 
-def _batch(seed=0, b=8, length=48):
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(4, 260, (b, length + 1)).astype(np.int32)
-  segment_ids = np.ones((b, length), np.int32)
-  segment_ids[::2, 30:] = 2
-  segment_ids[1::4, 40:] = 0   # padding
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids}
+def _batch(seed=0, length=48):
+  return packed_batch(seed, length=length)
 
 
 @pytest.mark.parametrize("window", [0, 5, 16])
@@ -83,11 +80,7 @@ def test_entropy_model_through_the_kernel_equals_xla(tiny_corpus):
 
 
 def _loss_and_grads(config, params, batch):
-  objective = objectives.make_objective(config)
-  fn = jax.jit(jax.value_and_grad(
-      lambda p: objective.loss(p, batch, jax.random.PRNGKey(3)), has_aux=True))
-  (loss, metrics), grads = fn(params)
-  return float(loss), jax.device_get(metrics), grads
+  return loss_and_grads(config, params, batch, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +113,8 @@ def test_sharded_kernel_step_equals_the_one_device_xla_step(tiny_corpus, tmp_pat
                        str(tmp_path / "many"))
   rows_one, params_one = two_train_steps(one, _batch)
   rows_many, params_many = two_train_steps(many, _batch)
-  for a, b in zip(rows_one, rows_many):
-    for key in ("loss", "ce", "masked_ce_b4", "grad_norm"):
-      np.testing.assert_allclose(b[key], a[key], rtol=2e-5, err_msg=key)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params_one),
-                          jax.tree.leaves(params_many)):
-    np.testing.assert_allclose(b, a, atol=2e-5, err_msg=jax.tree_util.keystr(path))
+  assert_runs_match((rows_one, params_one), (rows_many, params_many),
+                    ("loss", "ce", "masked_ce_b4", "grad_norm"))
 
 
 @pytest.mark.parametrize("backend,platform,custom_call", [
@@ -134,15 +123,8 @@ def test_sharded_train_step_lowers_for_the_kernels_platform(backend, platform, c
                                                             tiny_corpus, tmp_path):
   config = _config(tiny_corpus, "pallas", backend, False, mesh=(2, 2, 2))
   trainer = train.Trainer(config, str(tmp_path))
-  batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                      sharding=trainer.batch_sharding),
-                       train.abstract_batch(8, 48))
-  with sharding.use_mesh(trainer.mesh):
-    text = trainer._jit_train_step.trace(trainer.abstract_state, batch, None).lower(
-        lowering_platforms=(platform,)).as_text()
-  starts = [text.find(m) for m in ("sdy.manual_computation", "SPMDFullToShardShape")]
-  start = min(i for i in starts if i >= 0)   # the shard_map body (Shardy or GSPMD)
-  assert custom_call in text[start:]
+  text = shard_map_body_of_train_step(trainer, 8, 48, platform)
+  assert custom_call in text
   # every layer of the encoder, global model and decoder: fwd + dq + dkv
   n_layers = sum(config.model.blt[s].n_layers for s in ("encoder", "global_model", "decoder"))
   assert text.count("range_attention_dkv") >= n_layers

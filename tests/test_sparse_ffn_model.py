@@ -21,7 +21,8 @@ from bltjax import objectives
 from bltjax import sharding
 from bltjax import train
 from bltjax.model import layers
-from conftest import (REPO, assert_trees_close, tiny_blt_config, tiny_entropy_config,
+from conftest import (REPO, assert_runs_match, assert_trees_close, loss_and_grads, packed_batch,
+                      shard_map_body_of_train_step, tiny_blt_config, tiny_entropy_config,
                       train_on_one_device, two_train_steps)
 
 KERNELS = {  # name -> model.ffn overrides
@@ -37,22 +38,11 @@ def _set_ffn(config, **ffn):
   return config
 
 
-def _blt_batch(seed=0, b=8, length=48):
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(4, 260, (b, length + 1)).astype(np.int32)
-  segment_ids = np.ones((b, length), np.int32)
-  segment_ids[::2, 30:] = 2
-  segment_ids[1::4, 40:] = 0   # padding: bytes and whole patches that must not count
-  return {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
-          "segment_ids": jnp.asarray(segment_ids)}
+def _blt_batch(seed=0):
+  return jax.tree.map(jnp.asarray, packed_batch(seed))
 
 
-def _loss_and_grads(config, params, batch):
-  objective = objectives.make_objective(config)
-  fn = jax.jit(jax.value_and_grad(
-      lambda p: objective.loss(p, batch, jax.random.PRNGKey(0)), has_aux=True))
-  (loss, metrics), grads = fn(params)
-  return float(loss), jax.device_get(metrics), grads
+_loss_and_grads = loss_and_grads
 
 
 @pytest.fixture(scope="module")
@@ -193,12 +183,8 @@ def test_sharded_step_equals_the_one_device_step(tiny_corpus, tmp_path):
     assert ("shard_map" in jaxpr) == wanted
   rows_one, params_one = two_train_steps(one, _entropy_batch)
   rows_many, params_many = two_train_steps(many, _entropy_batch)
-  for a, b in zip(rows_one, rows_many):
-    for key in ("loss", "ce", "grad_norm", "ffn_sparsity", "ffn_sparsity/layer_0", "ffn_l1"):
-      np.testing.assert_allclose(b[key], a[key], rtol=2e-5, err_msg=key)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params_one),
-                          jax.tree.leaves(params_many)):
-    np.testing.assert_allclose(b, a, atol=2e-5, err_msg=jax.tree_util.keystr(path))
+  assert_runs_match((rows_one, params_one), (rows_many, params_many),
+                    ("loss", "ce", "grad_norm", "ffn_sparsity", "ffn_sparsity/layer_0", "ffn_l1"))
 
 
 @pytest.mark.parametrize("backend,platform,custom_call", [
@@ -210,15 +196,7 @@ def test_sharded_train_step_lowers_for_the_kernels_platform(backend, platform, c
   config = _entropy_config(tiny_corpus, (2, 2, 2))
   _set_ffn(config, backend=backend, interpret=False)
   trainer = train.Trainer(config, str(tmp_path))
-  batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                      sharding=trainer.batch_sharding),
-                       train.abstract_batch(8, 32))
-  with sharding.use_mesh(trainer.mesh):
-    text = trainer._jit_train_step.trace(trainer.abstract_state, batch, None).lower(
-        lowering_platforms=(platform,)).as_text()
-  starts = [text.find(m) for m in ("sdy.manual_computation", "SPMDFullToShardShape")]
-  start = min(i for i in starts if i >= 0)   # the shard_map body (Shardy or GSPMD)
-  assert custom_call in text[start:]
+  assert custom_call in shard_map_body_of_train_step(trainer, 8, 32, platform)
 
 
 def test_gpu_preset_train_step_lowers_for_cuda():
