@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import jax
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 BACKENDS = ("gpu", "tpu", "xla")
 
@@ -32,3 +34,13 @@ def pow2_at_least(n: int, lo: int = 16) -> int:
 
 def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
+
+
+def compiler_params(backend: str, grid_rank: int, *, num_warps: int = 4, num_stages: int = 1,
+                    vmem_limit_bytes: int | None = None):
+  """pallas_call compiler params: every grid axis parallel on TPU (Mosaic); warps and
+  pipeline stages on GPU (Triton)."""
+  if backend == "tpu":
+    return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank,
+                                vmem_limit_bytes=vmem_limit_bytes)
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)

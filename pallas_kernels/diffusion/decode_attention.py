@@ -25,14 +25,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
 
 from . import backends
+from .kernels import kv_group, online_softmax_finish, online_softmax_init, online_softmax_step
 from .reference import cached_attention_reference
 
 CACHE_MULTIPLE = 128   # cache sizes the kernel takes: a multiple of this
-_NEG = -1e30
 _NT = (((1,), (1,)), ((), ()))
 _NO_BLOCK = jnp.iinfo(jnp.int32).max
 
@@ -51,41 +49,26 @@ def _kernel(q_ref, qpos_ref, qvalid_ref, start_ref, ck_ref, cv_ref, cpos_ref, *r
   q = q_ref[...]                                   # [Tp, D]
   qp = qpos_ref[...]                               # [Tp, 1]
   valid = qvalid_ref[...] != 0
-  tp, d = q.shape
+  scores = lambda keys: lax.dot_general(q, keys.astype(q.dtype), _NT,
+                                        preferred_element_type=jnp.float32) * scale
 
-  def update(carry, s, vis, values, values_t):
-    m, l, acc = carry
-    s = jnp.where(vis, s, _NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-    p = jnp.where(vis, jnp.exp(s - m_new), 0.0)
-    corr = jnp.exp(m - m_new)
-    p = p.astype(q.dtype)
-    if values_t:   # values [D, bk]: p @ values^T
-      pv = lax.dot_general(p, values, _NT, preferred_element_type=jnp.float32)
-    else:
-      pv = jnp.dot(p, values, preferred_element_type=jnp.float32)
-    return (m_new, l * corr + jnp.sum(p.astype(jnp.float32), axis=1, keepdims=True),
-            acc * corr + pv)
-
-  carry = (jnp.full((tp, 1), _NEG, jnp.float32), jnp.zeros((tp, 1), jnp.float32),
-           jnp.zeros((tp, d), jnp.float32))
+  carry = online_softmax_init(*q.shape)
   for k0 in range(0, ck_ref.shape[0], bk):
-    kb = ck_ref[k0:k0 + bk, :].astype(q.dtype)
     kp = cpos_ref[:, k0:k0 + bk]                   # [1, bk]
-    s = lax.dot_general(q, kb, _NT, preferred_element_type=jnp.float32) * scale
-    carry = update(carry, s, _sees(kp, qp, window) & valid, cv_ref[:, k0:k0 + bk]
-                   .astype(q.dtype), True)
+    values_t = cv_ref[:, k0:k0 + bk].astype(q.dtype)   # [D, bk]: p @ values_t^T
+    carry = online_softmax_step(
+        carry, scores(ck_ref[k0:k0 + bk, :]), _sees(kp, qp, window) & valid,
+        lambda p, vt=values_t: lax.dot_general(p.astype(q.dtype), vt, _NT,
+                                               preferred_element_type=jnp.float32))
   if has_new:
-    kb = nk_ref[...].astype(q.dtype)
     kp = npos_ref[...]                             # [1, Tp]
     start = start_ref[...]                         # [1, 1]
     in_block = (kp >= 0) & (kp >= start) & (qp >= start)
-    s = lax.dot_general(q, kb, _NT, preferred_element_type=jnp.float32) * scale
-    carry = update(carry, s, (_sees(kp, qp, window) | in_block) & valid,
-                   nv_ref[...].astype(q.dtype), False)
-  _, l, acc = carry
-  seen = l > 0
-  o_ref[...] = jnp.where(seen, acc / jnp.where(seen, l, 1.0), 0.0).astype(o_ref.dtype)
+    values = nv_ref[...].astype(q.dtype)
+    carry = online_softmax_step(
+        carry, scores(nk_ref[...]), (_sees(kp, qp, window) | in_block) & valid,
+        lambda p: jnp.dot(p.astype(q.dtype), values, preferred_element_type=jnp.float32))
+  o_ref[...] = online_softmax_finish(carry)[0].astype(o_ref.dtype)
 
 
 def cached_attention(q, q_positions, q_valid, cache_k, cache_v, cache_positions,
@@ -126,7 +109,7 @@ def cached_attention(q, q_positions, q_valid, cache_k, cache_v, cache_positions,
   inputs = [qh, column(q_positions), column(q_valid), start.astype(jnp.int32).reshape(b, 1, 1),
             cache_k, cache_v, cache_positions.astype(jnp.int32)[:, None, :]]
   rep = heads // groups
-  group = lambda h: lax.div(h, rep) if rep > 1 else h
+  group = lambda h: kv_group(h, rep)
   per_row = lambda shape: pl.BlockSpec((None, *shape), lambda i, h: (i, 0, 0))
   specs = [pl.BlockSpec((None, None, tp, d), lambda i, h: (i, h, 0, 0)),
            per_row((tp, 1)), per_row((tp, 1)), per_row((1, 1)),
@@ -139,10 +122,7 @@ def cached_attention(q, q_positions, q_valid, cache_k, cache_v, cache_positions,
                pad_t(new_positions.astype(jnp.int32), -1)[:, None, :]]
     specs += [pl.BlockSpec((None, None, tp, d), lambda i, h: (i, group(h), 0, 0))] * 2
     specs += [per_row((1, tp))]
-  if backend == "tpu":
-    params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
-  else:
-    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+  params = backends.compiler_params(backend, 2, num_warps=num_warps)
   kernel = functools.partial(_kernel, bk=bk, window=window, scale=d ** -0.5, has_new=has_new)
   out = pl.pallas_call(
       kernel, grid=(b, heads), in_specs=specs,

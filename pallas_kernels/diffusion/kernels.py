@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
+
+from . import backends
 
 _NEG = -1e30
 _NT = (((1,), (1,)), ((), ()))   # a @ b^T
@@ -80,6 +81,34 @@ def _intervals(bounds_ref, b, i, n_q_tiles):
   return [bounds_ref[base + c] for c in range(4)]
 
 
+# --------------------------------------------------------------------------- online softmax
+
+
+def online_softmax_init(rows: int, d: int):
+  """(running max [rows, 1], running sum [rows, 1], output accumulator [rows, d]), f32."""
+  return (jnp.full((rows, 1), _NEG, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+          jnp.zeros((rows, d), jnp.float32))
+
+
+def online_softmax_step(carry, s, vis, pv):
+  """Folds one block of scores s `[rows, bk]` (f32; only `vis` entries count) into the
+  carry; `pv(p)` is p `[rows, bk]` (f32) times the block's values, `[rows, d]` f32."""
+  m, l, acc = carry
+  s = jnp.where(vis, s, _NEG)
+  m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+  p = jnp.where(vis, jnp.exp(s - m_new), 0.0)
+  corr = jnp.exp(m - m_new)
+  return m_new, l * corr + jnp.sum(p, axis=1, keepdims=True), acc * corr + pv(p)
+
+
+def online_softmax_finish(carry):
+  """-> (output `[rows, d]` f32, row log-sum-exp `[rows, 1]`); rows that saw no key: 0."""
+  m, l, acc = carry
+  seen = l > 0
+  l_safe = jnp.where(seen, l, 1.0)
+  return jnp.where(seen, acc / l_safe, 0.0), jnp.where(seen, m + jnp.log(l_safe), 0.0)
+
+
 # --------------------------------------------------------------------------- forward
 
 
@@ -91,28 +120,17 @@ def _fwd_kernel(bounds_ref, q_ref, k_ref, v_ref, a0_ref, a1_ref, b0_ref, b1_ref,
   ranges = (a0_ref[...], a1_ref[...], b0_ref[...], b1_ref[...])
 
   def body(j, carry):
-    m, l, acc = carry
     k0 = pl.multiple_of(j * bk, bk)
     kb = k_ref[pl.ds(k0, bk), :]
     vb = v_ref[pl.ds(k0, bk), :]
-    vis = _visible(*ranges, k0, bk)
-    s = jnp.where(vis, _scores(q, kb, scale), _NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-    p = jnp.where(vis, jnp.exp(s - m_new), 0.0)
-    corr = jnp.exp(m - m_new)
-    l = l * corr + jnp.sum(p, axis=1, keepdims=True)
-    acc = acc * corr + jnp.dot(p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
-    return m_new, l, acc
+    return online_softmax_step(
+        carry, _scores(q, kb, scale), _visible(*ranges, k0, bk),
+        lambda p: jnp.dot(p.astype(vb.dtype), vb, preferred_element_type=jnp.float32))
 
-  bq, d = q.shape
-  carry = (jnp.full((bq, 1), _NEG, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
-           jnp.zeros((bq, d), jnp.float32))
-  carry = lax.fori_loop(lo_a, hi_a, body, carry)
-  m, l, acc = lax.fori_loop(lo_b, hi_b, body, carry)
-  seen = l > 0
-  l_safe = jnp.where(seen, l, 1.0)
-  o_ref[...] = jnp.where(seen, acc / l_safe, 0.0).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), 0.0)
+  carry = lax.fori_loop(lo_a, hi_a, body, online_softmax_init(*q.shape))
+  out, lse = online_softmax_finish(lax.fori_loop(lo_b, hi_b, body, carry))
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = lse
 
 
 # --------------------------------------------------------------------------- dq
@@ -185,20 +203,19 @@ def _dkv_kernel(bounds_ref, qtiles_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, de
 def _call(kernel, tiles: Tiles, *, grid, n_scalars, in_specs, out_specs, out_shape, name):
   """pallas_call with the first `n_scalars` inputs as scalar tables: scalar prefetch on
   TPU, plain GMEM inputs on GPU."""
+  params = backends.compiler_params(tiles.backend, len(grid), num_warps=tiles.num_warps,
+                                    num_stages=tiles.num_stages, vmem_limit_bytes=_VMEM_LIMIT)
   if tiles.backend == "tpu":
     spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=n_scalars, grid=grid,
                                         in_specs=in_specs, out_specs=out_specs)
-    params = pltpu.CompilerParams(dimension_semantics=("parallel",) * len(grid),
-                                  vmem_limit_bytes=_VMEM_LIMIT)
     return pl.pallas_call(kernel, grid_spec=spec, out_shape=out_shape,
                           compiler_params=params, interpret=tiles.interpret, name=name)
-  params = pltriton.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
   return pl.pallas_call(kernel, grid=grid, in_specs=[pl.no_block_spec] * n_scalars + in_specs,
                         out_specs=out_specs, out_shape=out_shape, compiler_params=params,
                         interpret=tiles.interpret, name=name)
 
 
-def _group(head, heads_per_group: int):
+def kv_group(head, heads_per_group: int):
   """kv head of a query head (truncating division: floor division lowers to `sign`, which
   Mosaic resolves against the local TPU generation and so cannot cross-lower)."""
   return lax.div(head, heads_per_group) if heads_per_group > 1 else head
@@ -212,7 +229,7 @@ def _row_block(rows, d):
 def _whole(length, d, heads_per_group=1):
   """The whole `[length, d]` row of the (batch, head // heads_per_group) of `[B, G, L, d]`."""
   return pl.BlockSpec((None, None, length, d),
-                      lambda b, h, i, *_: (b, _group(h, heads_per_group), 0, 0))
+                      lambda b, h, i, *_: (b, kv_group(h, heads_per_group), 0, 0))
 
 
 def _range_specs(rows, whole_length=None):
@@ -261,7 +278,8 @@ def dkv(bounds, qtiles, q, k, v, do, lse, delta, ranges, tiles: Tiles, scale: fl
   rep, nq, nk = heads // groups, qp // tiles.bq, kp // tiles.bk
   kernel = functools.partial(_dkv_kernel, bq=tiles.bq, bk=tiles.bk, scale=scale,
                              n_q_tiles=nq, n_k_blocks=nk, backend=tiles.backend)
-  key_block = pl.BlockSpec((None, None, tiles.bk, d), lambda b, h, j, *_: (b, _group(h, rep), j, 0))
+  key_block = pl.BlockSpec((None, None, tiles.bk, d),
+                           lambda b, h, j, *_: (b, kv_group(h, rep), j, 0))
   out_block = pl.BlockSpec((None, None, tiles.bk, d), lambda b, h, j, *_: (b, h, j, 0))
   return _call(
       kernel, tiles, grid=(b, heads, nk), n_scalars=2,

@@ -18,6 +18,11 @@ import jax.numpy as jnp
 _NEG_INF = -1e30
 
 
+def _masked_softmax(scores, mask):
+  """Softmax over the last axis of the `mask`ed entries only; rows with none give 0."""
+  return jnp.where(mask, jax.nn.softmax(jnp.where(mask, scores, _NEG_INF), axis=-1), 0.0)
+
+
 def ranges_mask(ranges, k_len: int):
   """`[batch, q_len, k_len]` bool: key k inside `[a0, a1) U [b0, b1)` of its query row."""
   a0, a1, b0, b1 = (jnp.asarray(r, jnp.int32)[:, :, None] for r in ranges)
@@ -32,8 +37,7 @@ def range_attention_reference(q, k, v, ranges):
   mask = ranges_mask(ranges, k.shape[1])[:, None, None]            # [B, 1, 1, Q, K]
   qg = q.reshape(b, q_len, groups, heads // groups, head_dim)
   scores = jnp.einsum("bqgrd,bkgd->bgrqk", qg, k, preferred_element_type=jnp.float32)
-  scores = jnp.where(mask, scores * head_dim ** -0.5, _NEG_INF)
-  probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
+  probs = _masked_softmax(scores * head_dim ** -0.5, mask)
   out = jnp.einsum("bgrqk,bkgd->bqgrd", probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return out.reshape(q.shape).astype(q.dtype)
@@ -138,8 +142,7 @@ def cached_attention_reference(q, q_positions, q_valid, cache_k, cache_v, cache_
   scores = jnp.concatenate(scores, axis=-1) * d ** -0.5
   mask = cached_attention_mask(q_positions, q_valid, cache_positions, new_positions,
                                window=window, block_start=block_start)[:, None, None]
-  probs = jnp.where(mask, jax.nn.softmax(jnp.where(mask, scores, _NEG_INF), axis=-1), 0.0)
-  probs = probs.astype(q.dtype)
+  probs = _masked_softmax(scores, mask).astype(q.dtype)
   size = cache_k.shape[2]
   out = jnp.einsum("bgrqk,bgdk->bqgrd", probs[..., :size], cache_v.astype(q.dtype),
                    preferred_element_type=jnp.float32)

@@ -21,8 +21,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
 
 from . import backends
 from .reference import RULES, unmask_reference
@@ -107,10 +105,7 @@ def unmask_step(logits, block, still_masked, threshold, *, rule: str = "confiden
                              vocab=vocab, given_tokens=tokens is not None,
                              subtract_max=subtract_max)
   per_position = pl.BlockSpec((None, bkp, 1), lambda r: (r, 0, 0))
-  if backend == "tpu":
-    params = pltpu.CompilerParams(dimension_semantics=("parallel",))
-  else:
-    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+  params = backends.compiler_params(backend, 1, num_warps=num_warps)
   new_block, new_still = pl.pallas_call(
       kernel, grid=(rows,),
       in_specs=[pl.BlockSpec((None, 1, 1), lambda r: (r, 0, 0)),
