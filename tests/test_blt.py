@@ -2,7 +2,6 @@
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +17,7 @@ from bltjax.model import entropy_model
 from bltjax.model import layers
 from bltjax.model import patcher
 from bltjax.model.blt_config import BltConfig
-from conftest import tiny_blt_config
+from conftest import init_variables, tiny_blt_config
 
 LOCAL = layers.TransformerConfig(d_model=32, n_layers=2, n_heads=2, window=8, rope_theta=5e5)
 CONFIG = BltConfig(encoder=dataclasses.replace(LOCAL, n_layers=1),
@@ -39,7 +38,7 @@ def entropy():
   cfg = layers.TransformerConfig(d_model=16, n_layers=1, n_heads=2, window=8)
   module = entropy_model.EntropyModel(cfg)
   tokens = _tokens(0)
-  params = nn.meta.unbox(module.init(jax.random.PRNGKey(1), tokens, jnp.ones_like(tokens)))
+  params = init_variables(module, tokens, jnp.ones_like(tokens), seed=1)
   return lambda t, s: patcher.entropies_from_logits(module.apply(params, t, s))
 
 
@@ -65,8 +64,8 @@ def test_next_byte_logits_never_depend_on_later_bytes(mode, entropy):
     return model.apply(params, tokens, segments, patches)[0], patches
 
   tokens = _tokens(1)
-  params = model.init(jax.random.PRNGKey(0), tokens, jnp.ones_like(tokens),
-                      patcher.patch(PATCHERS["static"], tokens, jnp.ones_like(tokens)))
+  params = init_variables(model, tokens, jnp.ones_like(tokens),
+                          patcher.patch(PATCHERS["static"], tokens, jnp.ones_like(tokens)))
   logits, patches = jax.jit(forward)(params, tokens)
   lengths = np.diff(np.flatnonzero(np.asarray(patches.starts[0])))
   assert lengths.min() >= 1 and len(lengths) > 5, "the layout should have several patches"
@@ -95,7 +94,7 @@ def test_each_byte_reads_the_global_output_of_the_last_complete_patch():
   def full(module, global_out):
     return module(states, positions, spec, module.patch_vectors(global_out), read)[0]
 
-  params = dec.init(jax.random.PRNGKey(2), global_out, method=full)
+  params = init_variables(dec, global_out, method=full, seed=2)
   logits = lambda params, global_out: dec.apply(params, global_out, method=full)
   base = logits(params, global_out)
   for patch in range(3):
@@ -141,9 +140,9 @@ def test_bfloat16_models_still_give_float32_logits_finer_than_bfloat16():
   segment_ids = jnp.ones_like(tokens)
   patches = patcher.patch(PATCHERS["static"], tokens, segment_ids)
   module = blt.BLT(config)
-  params = module.init(jax.random.PRNGKey(0), tokens, segment_ids, patches)
+  params = init_variables(module, tokens, segment_ids, patches)
   entropy_module = entropy_model.EntropyModel(bf16(LOCAL))
-  entropy_params = entropy_module.init(jax.random.PRNGKey(1), tokens, segment_ids)
+  entropy_params = init_variables(entropy_module, tokens, segment_ids, seed=1)
   for logits in (module.apply(params, tokens, segment_ids, patches)[0],
                  entropy_module.apply(entropy_params, tokens, segment_ids)):
     assert logits.dtype == jnp.float32

@@ -29,7 +29,7 @@ def setup(tiny_corpus):
                            patcher__patch_size=3)
   objective = objectives.make_objective(config)
   batch = _batch(0)
-  params = objective.init(jax.random.PRNGKey(0), batch)
+  params = jax.jit(objective.init)(jax.random.PRNGKey(0), batch)   # one program, not eager
   params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
                         is_leaf=lambda x: hasattr(x, "value"))
   return objective, params, batch

@@ -3,7 +3,6 @@ for byte; BLT-D's unmasking rules and NFE counters; prefill and AR steps agree."
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +13,7 @@ from bltjax import generate
 from bltjax.generate import ar
 from bltjax.model import blt, entropy_model, layers, patcher
 from bltjax.model.blt_config import BltConfig
+from conftest import init_variables
 
 LOCAL = layers.TransformerConfig(d_model=32, n_layers=2, n_heads=2, window=8, rope_theta=5e5)
 CONFIG = BltConfig(encoder=dataclasses.replace(LOCAL, n_layers=1),
@@ -34,10 +34,10 @@ PROMPTS = ["Hello world, this is", "ab", "def f(x):\n  return x * 2  # twice"]
 def params():
   tokens = jnp.ones((1, 16), jnp.int32)
   static = patcher.PatcherConfig(mode="static", max_patches=16)
-  blt_params = nn.meta.unbox(blt.BLT(CONFIG).init(
-      jax.random.PRNGKey(0), tokens, tokens, patcher.patch(static, tokens, tokens)))["params"]
-  entropy_params = nn.meta.unbox(entropy_model.EntropyModel(ENTROPY).init(
-      jax.random.PRNGKey(1), tokens, tokens))["params"]
+  blt_params = init_variables(blt.BLT(CONFIG), tokens, tokens,
+                              patcher.patch(static, tokens, tokens))["params"]
+  entropy_params = init_variables(entropy_model.EntropyModel(ENTROPY), tokens, tokens,
+                                  seed=1)["params"]
   return {"blt": blt_params, "entropy": entropy_params}
 
 

@@ -3,7 +3,6 @@ same (stacked) params, in training, in cached generation and in the FFN metrics.
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +27,7 @@ def _positions(x):
 
 
 def _init(config, x, spec):
-  return nn.meta.unbox(layers.Transformer(config).init(jax.random.PRNGKey(0), x,
-                                                       _positions(x), spec))
+  return conftest.init_variables(layers.Transformer(config), x, _positions(x), spec)
 
 
 @pytest.mark.parametrize("remat", [False, True])
@@ -114,8 +112,8 @@ def test_scanned_global_model_generates_the_same_bytes():
       config.global_model, scan_layers=True))
   tokens = jnp.ones((1, 16), jnp.int32)
   static = patcher.PatcherConfig(mode="static", patch_size=3, max_patches=16)
-  params = nn.meta.unbox(blt.BLT(config).init(jax.random.PRNGKey(0), tokens, tokens,
-                                              patcher.patch(static, tokens, tokens)))["params"]
+  params = conftest.init_variables(blt.BLT(config), tokens, tokens,
+                                   patcher.patch(static, tokens, tokens))["params"]
   stacked = dict(params, global_model=dict(
       params["global_model"], transformer=layers.stack_layers(
           params["global_model"]["transformer"])))
@@ -130,8 +128,8 @@ def test_scanned_global_model_generates_the_same_bytes():
                {"blt": layers.fuse_projections(params)})
   # ... and so does a scanned entropy model (entropy patching)
   entropy_config = layers.TransformerConfig(d_model=32, n_layers=2, n_heads=2, window=8)
-  entropy_params = nn.meta.unbox(entropy_lib.EntropyModel(entropy_config).init(
-      jax.random.PRNGKey(1), tokens, tokens))["params"]
+  entropy_params = conftest.init_variables(entropy_lib.EntropyModel(entropy_config), tokens,
+                                           tokens, seed=1)["params"]
   entropy_stacked = dict(entropy_params,
                          transformer=layers.stack_layers(entropy_params["transformer"]))
   engine = generate.make_engine(
