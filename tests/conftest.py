@@ -17,8 +17,9 @@ os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_second
 # run (named by its test-run id, removed when the run ends) compiles a program that
 # several tests or both workers need once.
 os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
-# XLA:CPU's MLIR fusion emitters take ~40% of a decoding program's compile time; the
-# older emitters compile the same fusions faster (the tests' programs run briefly).
+# XLA:CPU's older fusion emitters compile the same fusions faster than its MLIR ones: the
+# suite's summed test time fell 27%, mostly in decoding programs (bench/RESULTS.md,
+# 2026-11-28). Not for users: at -O2 it gave bltjax's decoding no gain.
 os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # In-process `cli.main` calls keep the suite's cache (the test of the command's own cache
