@@ -19,7 +19,7 @@ os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_second
 os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 # XLA:CPU's older fusion emitters compile the same fusions faster than its MLIR ones: the
 # suite's summed test time fell 27%, mostly in decoding programs (bench/RESULTS.md,
-# 2026-11-28). Not for users: at -O2 it gave bltjax's decoding no gain.
+# 2026-11-28). Tests only: bltjax itself keeps XLA's defaults.
 os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # In-process `cli.main` calls keep the suite's cache (the test of the command's own cache
