@@ -28,16 +28,11 @@ from jax.experimental import pallas as pl
 
 from . import backends
 from .kernels import kv_group, online_softmax_finish, online_softmax_init, online_softmax_step
-from .reference import cached_attention_reference
+from .reference import cached_attention_reference, in_block, slot_visible
 
 CACHE_MULTIPLE = 128   # cache sizes the kernel takes: a multiple of this
 _NT = (((1,), (1,)), ((), ()))
 _NO_BLOCK = jnp.iinfo(jnp.int32).max
-
-
-def _sees(kp, qp, window):
-  seen = (kp >= 0) & (kp <= qp)
-  return seen & (qp - kp < window) if window else seen
 
 
 def _kernel(q_ref, qpos_ref, qvalid_ref, start_ref, ck_ref, cv_ref, cpos_ref, *rest,
@@ -57,16 +52,15 @@ def _kernel(q_ref, qpos_ref, qvalid_ref, start_ref, ck_ref, cv_ref, cpos_ref, *r
     kp = cpos_ref[:, k0:k0 + bk]                   # [1, bk]
     values_t = cv_ref[:, k0:k0 + bk].astype(q.dtype)   # [D, bk]: p @ values_t^T
     carry = online_softmax_step(
-        carry, scores(ck_ref[k0:k0 + bk, :]), _sees(kp, qp, window) & valid,
+        carry, scores(ck_ref[k0:k0 + bk, :]), slot_visible(kp, qp, window) & valid,
         lambda p, vt=values_t: lax.dot_general(p.astype(q.dtype), vt, _NT,
                                                preferred_element_type=jnp.float32))
   if has_new:
     kp = npos_ref[...]                             # [1, Tp]
-    start = start_ref[...]                         # [1, 1]
-    in_block = (kp >= 0) & (kp >= start) & (qp >= start)
+    vis = slot_visible(kp, qp, window) | in_block(kp, qp, start_ref[...])   # start [1, 1]
     values = nv_ref[...].astype(q.dtype)
     carry = online_softmax_step(
-        carry, scores(nk_ref[...]), (_sees(kp, qp, window) | in_block) & valid,
+        carry, scores(nk_ref[...]), vis & valid,
         lambda p: jnp.dot(p.astype(q.dtype), values, preferred_element_type=jnp.float32))
   o_ref[...] = online_softmax_finish(carry)[0].astype(o_ref.dtype)
 

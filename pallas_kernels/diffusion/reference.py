@@ -97,6 +97,19 @@ def unmask_reference(logits, block, still_masked, threshold, *, rule: str = "con
 # --------------------------------------------------------------------------- decoding
 
 
+def slot_visible(kp, qp, window: int):
+  """A key at position kp (-1: empty or not visible) is seen by a query at qp: `kp <= qp`
+  and, with a window W, `qp - kp < W` (broadcasting; also inside the kernel)."""
+  seen = (kp >= 0) & (kp <= qp)
+  return seen & (qp - kp < window) if window else seen
+
+
+def in_block(kp, qp, start):
+  """Key and query both at or after the row's block start (a BLT-D block sees itself
+  bidirectionally); kp -1: an invalid key."""
+  return (kp >= 0) & (kp >= start) & (qp >= start)
+
+
 def cached_attention_mask(q_positions, q_valid, cache_positions, new_positions=None, *,
                           window: int = 0, block_start=None):
   """`[batch, T, S (+ T)]` bool: which cache slots (and new keys) each new query sees.
@@ -106,18 +119,12 @@ def cached_attention_mask(q_positions, q_valid, cache_positions, new_positions=N
   invalid) likewise, or, with `block_start` `[batch]`, when both np and qp are at or
   after the row's block start (a BLT-D block sees itself bidirectionally)."""
   qp = q_positions[:, :, None]
-
-  def sees(kp):
-    seen = (kp >= 0) & (kp <= qp)
-    return seen & (qp - kp < window) if window else seen
-
-  mask = sees(cache_positions[:, None, :])
+  mask = slot_visible(cache_positions[:, None, :], qp, window)
   if new_positions is not None:
     np_ = new_positions[:, None, :]
-    new = sees(np_)
+    new = slot_visible(np_, qp, window)
     if block_start is not None:
-      start = block_start[:, None, None]
-      new = new | ((np_ >= 0) & (np_ >= start) & (qp >= start))
+      new = new | in_block(np_, qp, block_start[:, None, None])
     mask = jnp.concatenate([mask, new], axis=2)
   return mask & q_valid[:, :, None]
 
