@@ -42,9 +42,6 @@ def _blt_batch(seed=0):
   return jax.tree.map(jnp.asarray, packed_batch(seed))
 
 
-_loss_and_grads = loss_and_grads
-
-
 @pytest.fixture(scope="module")
 def blt_xla_relu(tiny_corpus):
   """Params and (loss, metrics, grads) of the tiny static BLT, relu + L1, impl xla."""
@@ -52,7 +49,7 @@ def blt_xla_relu(tiny_corpus):
   batch = _blt_batch()
   init = jax.jit(objectives.make_objective(config).init)
   params = nn.meta.unbox(init(jax.random.PRNGKey(1), batch))
-  return config, params, batch, _loss_and_grads(config, params, batch)
+  return config, params, batch, loss_and_grads(config, params, batch)
 
 
 @pytest.mark.parametrize("kernel", [
@@ -61,7 +58,7 @@ def blt_xla_relu(tiny_corpus):
 def test_pallas_path_equals_the_xla_relu_path(kernel, blt_xla_relu):
   config, params, batch, (loss, metrics, grads) = blt_xla_relu
   config = _set_ffn(configs.from_json(configs.to_json(config)), impl="pallas", **KERNELS[kernel])
-  p_loss, p_metrics, p_grads = _loss_and_grads(config, params, batch)
+  p_loss, p_metrics, p_grads = loss_and_grads(config, params, batch)
   np.testing.assert_allclose(p_loss, loss, rtol=1e-5)
   assert set(p_metrics) == set(metrics) | {"ffn_occupancy"}
   assert {"ffn_sparsity", "ffn_sparsity_min", "ffn_sparsity/global_0", "ffn_l1"} <= set(metrics)
