@@ -251,9 +251,8 @@ def bench_cached_attention(args, backend, interpret, argv):
       inputs = (q, new_k, new_v, cache_k, cache_v, cache_positions, positions)
       fns = {"xla": cached_step_loop(steps, t, block, None),
              "kernel": cached_step_loop(steps, t, block, (backend, interpret))}
-      err = abs(float(fns["xla"](*inputs)) - float(fns["kernel"](*inputs)))
-      scale = max(abs(float(fns["xla"](*inputs))), 1.0)
-      same = err / scale < (5e-2 if dtype.itemsize == 2 else 1e-4)
+      want, got = float(fns["xla"](*inputs)), float(fns["kernel"](*inputs))
+      same = abs(want - got) / max(abs(want), 1.0) < (5e-2 if dtype.itemsize == 2 else 1e-4)
       ok = ok and same
       rows.append(step_row([str(batch), name], fns, inputs, steps=steps,
                            repeats=args.repeats, same=same))
