@@ -20,7 +20,8 @@ os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 # XLA:CPU's older fusion emitters compile the same fusions faster than its MLIR ones: the
 # suite's summed test time fell 27%, mostly in decoding programs (bench/RESULTS.md,
 # 2026-11-28). Tests only: bltjax itself keeps XLA's defaults.
-os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
+OLD_FUSION_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] += " " + OLD_FUSION_EMITTERS
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # In-process `cli.main` calls keep the suite's cache (the test of the command's own cache
 # runs it in a subprocess).
