@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices (set before jax starts), float32 matmuls, and fast
 compiles (LLVM -O0, one disk cache per run)."""
 
+import importlib.metadata
 import os
 import tempfile
 
@@ -19,9 +20,11 @@ os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_second
 os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 # XLA:CPU's older fusion emitters compile the same fusions faster than its MLIR ones: the
 # suite's summed test time fell 27%, mostly in decoding programs (bench/RESULTS.md,
-# 2026-11-28). Tests only: bltjax itself keeps XLA's defaults.
+# 2026-11-28). Tests only: bltjax itself keeps XLA's defaults. jaxlib 0.11 removed the
+# older emitters, and XLA aborts on a flag it does not know.
 OLD_FUSION_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
-os.environ["XLA_FLAGS"] += " " + OLD_FUSION_EMITTERS
+if tuple(int(part) for part in importlib.metadata.version("jaxlib").split(".")[:2]) < (0, 11):
+  os.environ["XLA_FLAGS"] += " " + OLD_FUSION_EMITTERS
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # In-process `cli.main` calls keep the suite's cache (the test of the command's own cache
 # runs it in a subprocess).
@@ -93,6 +96,21 @@ def init_variables(module, *args, seed: int = 0, **kwargs) -> dict:
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   init = jax.jit(lambda rng: module.init(rng, *args, **kwargs))
   return nn.meta.unbox(init(jax.random.PRNGKey(seed)))
+
+
+def lowered_text(jitted, *args, platform: str) -> str:
+  """`jitted(*args)` (args may be abstract) lowered for `platform` ("cuda" | "tpu") on this
+  CPU host, as text. From jax 0.11 a Triton kernel lowers for the GPU kind of the abstract
+  mesh in context (a host without a GPU has none to ask), so for "cuda" the mesh in
+  context, or an empty one, names an H100."""
+  if platform != "cuda":
+    return jitted.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+  mesh = jax.sharding.get_abstract_mesh()
+  target = (jax.sharding.AbstractMesh((), (), abstract_device=h100) if mesh.empty
+            else mesh.update(abstract_device=h100))
+  with jax.sharding.use_abstract_mesh(target):
+    return jitted.trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 def unigram_bpb(data_config, split="valid") -> float:
@@ -206,8 +224,8 @@ def shard_map_body_of_train_step(trainer, batch_size: int, seq_len: int, platfor
                                                       sharding=trainer.batch_sharding),
                        train.abstract_batch(batch_size, seq_len))
   with sharding.use_mesh(trainer.mesh):
-    text = trainer._jit_train_step.trace(trainer.abstract_state, batch, None).lower(
-        lowering_platforms=(platform,)).as_text()
+    text = lowered_text(trainer._jit_train_step, trainer.abstract_state, batch, None,
+                        platform=platform)
   starts = [text.find(m) for m in ("sdy.manual_computation", "SPMDFullToShardShape")]
   return text[min(i for i in starts if i >= 0):]
 

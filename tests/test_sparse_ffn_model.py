@@ -21,9 +21,10 @@ from bltjax import objectives
 from bltjax import sharding
 from bltjax import train
 from bltjax.model import layers
-from conftest import (REPO, assert_runs_match, assert_trees_close, loss_and_grads, packed_batch,
-                      shard_map_body_of_train_step, tiny_blt_config, tiny_entropy_config,
-                      train_on_one_device, two_train_steps)
+from conftest import (REPO, assert_runs_match, assert_trees_close, loss_and_grads,
+                      lowered_text, packed_batch, shard_map_body_of_train_step,
+                      tiny_blt_config, tiny_entropy_config, train_on_one_device,
+                      two_train_steps)
 
 KERNELS = {  # name -> model.ffn overrides
     "auto": dict(backend=""),
@@ -208,7 +209,7 @@ def test_gpu_preset_train_step_lowers_for_cuda():
       r, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), batch))), jax.random.PRNGKey(0))
   step = jax.jit(jax.value_and_grad(lambda p, b: objective.loss(p, b, jax.random.PRNGKey(0)),
                                     has_aux=True))
-  text = step.trace(params, batch).lower(lowering_platforms=("cuda",)).as_text()
+  text = lowered_text(step, params, batch, platform="cuda")
   n_layers = sum(config.model.blt[s].n_layers for s in ("encoder", "global_model", "decoder"))
   assert text.count("triton") >= 3 * n_layers   # forward + backward kernels of every FFN
 

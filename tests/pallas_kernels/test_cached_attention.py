@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from bltjax.generate import caches
+from conftest import lowered_text
 from pallas_kernels.diffusion import decode_attention as ca
 from pallas_kernels.diffusion.reference import cached_attention_reference
 
@@ -115,7 +116,7 @@ def test_cross_lowering(platform, backend):
       return ca.cached_attention(q, qp, qv, ck, cv, cp, window=512, backend=backend,
                                  block_start=start if block else None, **kw)
 
-    text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
+    text = lowered_text(jax.jit(fn), *shapes, platform=platform)
     assert re.search(r"cached_attention", text), (t, new, block)
 
 

@@ -16,6 +16,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from bltjax import diffusion
+from conftest import lowered_text
 from pallas_kernels import diffusion as kernels_pkg
 from pallas_kernels.diffusion import range_attention, range_attention_reference, tiles
 
@@ -185,8 +186,7 @@ def _lower(backend, dtype, b, length, heads, groups, d, **tile_kw):
     return jnp.sum(out.astype(jnp.float32))
 
   platform = "cuda" if backend == "gpu" else "tpu"
-  return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*shapes).lower(
-      lowering_platforms=(platform,)).as_text()
+  return lowered_text(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), *shapes, platform=platform)
 
 
 # The production shape (a 4k row with 512 noisy positions, GQA) in bf16 with the default

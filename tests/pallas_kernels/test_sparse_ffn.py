@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from conftest import lowered_text
 from pallas_kernels import sparse_ffn
 from pallas_kernels.sparse_ffn import bench, format as fmt, gpu, tpu
 from pallas_kernels.sparse_ffn.reference import relu_ffn_reference_with_stats
@@ -306,7 +307,7 @@ def test_tpu_kernels_race_detection(capfd):
 
 
 def _lower(fn, args, platform):
-  return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  return lowered_text(jax.jit(fn), *args, platform=platform)
 
 
 # The benchmark shapes (abstract: nothing is allocated), bf16 with the production tiles,

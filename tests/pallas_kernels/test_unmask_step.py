@@ -13,6 +13,7 @@ from jax.experimental.pallas import tpu as pltpu
 from bltjax import bytes as blt_bytes
 from bltjax import diffusion
 from bltjax.generate import sampling
+from conftest import lowered_text
 from pallas_kernels.diffusion import unmask_reference, unmask_step
 
 RULES = ("confidence", "entropy_bounded")
@@ -127,7 +128,7 @@ def test_cross_lowering(platform, backend):
                 jax.ShapeDtypeStruct((8, block_size), jnp.int32))
       fn = lambda lg, b, s, t, tok: unmask_step(lg, b, s, t, rule=rule, backend=backend,
                                                 tokens=tok if given else None)
-      text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
+      text = lowered_text(jax.jit(fn), *shapes, platform=platform)
       assert re.search(r"unmask_step", text), (rule, block_size)
 
 
