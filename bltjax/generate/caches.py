@@ -211,9 +211,10 @@ class CacheView:
 
 
 def kernel_cache_size(size: int) -> int:
-  """A cache size the attention kernel takes: `size` rounded up to its key block."""
+  """A cache size the attention kernel takes (`size` rounded up); the kernel package is
+  imported only by caches that attend with it."""
   from pallas_kernels import diffusion as kernels  # pylint: disable=g-import-not-at-top
-  return -(-size // kernels.CACHE_MULTIPLE) * kernels.CACHE_MULTIPLE
+  return kernels.kernel_cache_size(size)
 
 
 def _kernel_attention(kernel, q, positions, valid, cache_k, cache_v, cache_positions, **kw):

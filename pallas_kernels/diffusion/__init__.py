@@ -11,13 +11,14 @@ Public API:
   cached_attention(q, q_positions, q_valid, cache_k, cache_v, cache_positions,
                    new_k=None, new_v=None, new_positions=None, *, window, block_start)
       a decoding step's attention over a KV cache (+ its new keys), one kernel per layer
+  kernel_cache_size(size)                       a cache size it takes (size rounded up)
   cached_attention_reference(...)               its pure jnp ground truth
 
 See README.md in this directory.
 """
 
 from .backends import BACKENDS, default_backend
-from .decode_attention import CACHE_MULTIPLE, cached_attention
+from .decode_attention import CACHE_MULTIPLE, cached_attention, kernel_cache_size
 from .ops import range_attention
 from .reference import (RULES, cached_attention_reference, range_attention_reference,
                         ranges_mask, unmask_reference)
@@ -25,6 +26,6 @@ from .tiles import occupancy, tile_bounds
 from .unmask import unmask_step
 
 __all__ = ["BACKENDS", "CACHE_MULTIPLE", "RULES", "cached_attention",
-           "cached_attention_reference", "default_backend", "occupancy", "range_attention",
-           "range_attention_reference", "ranges_mask", "tile_bounds", "unmask_reference",
-           "unmask_step"]
+           "cached_attention_reference", "default_backend", "kernel_cache_size", "occupancy",
+           "range_attention", "range_attention_reference", "ranges_mask", "tile_bounds",
+           "unmask_reference", "unmask_step"]

@@ -35,6 +35,11 @@ _NT = (((1,), (1,)), ((), ()))
 _NO_BLOCK = jnp.iinfo(jnp.int32).max
 
 
+def kernel_cache_size(size: int) -> int:
+  """A cache size the kernel takes: `size` rounded up to a multiple of `CACHE_MULTIPLE`."""
+  return backends.round_up(size, CACHE_MULTIPLE)
+
+
 def _kernel(q_ref, qpos_ref, qvalid_ref, start_ref, ck_ref, cv_ref, cpos_ref, *rest,
             bk, window, scale, has_new):
   if has_new:
