@@ -11,8 +11,8 @@ Public API:
   cached_attention(q, q_positions, q_valid, cache_k, cache_v, cache_positions,
                    new_k=None, new_v=None, new_positions=None, *, window, block_start)
       a decoding step's attention over a KV cache (+ its new keys), one kernel per layer
-  kernel_cache_size(size)                       a cache size it takes (size rounded up)
   cached_attention_reference(...)               its pure jnp ground truth
+  kernel_cache_size(size)                       a cache size it takes (size rounded up)
 
 See README.md in this directory.
 """
