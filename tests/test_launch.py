@@ -18,8 +18,10 @@ SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")) + glob.glob(os.path.joi
 
 
 def run(script, *args, env=None, timeout=60):
+  """A launcher run with none of the launchers' settings inherited (`make test PYTHON=...`
+  exports PYTHON), only those in `env`."""
   full_env = {k: v for k, v in os.environ.items()
-              if not k.startswith(("BLTJAX_", "SLURM_", "TPU_"))}
+              if k != "PYTHON" and not k.startswith(("BLTJAX_", "SLURM_", "TPU_"))}
   full_env.update(env or {})
   return subprocess.run(["bash", os.path.join(LAUNCH, script), *args], env=full_env,
                         capture_output=True, text=True, timeout=timeout, cwd=REPO)
