@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices (set before jax starts), float32 matmuls, and fast
 compiles (LLVM -O0, one disk cache per run)."""
 
+import contextlib
 import importlib.metadata
 import os
 import tempfile
@@ -103,13 +104,15 @@ def lowered_text(jitted, *args, platform: str) -> str:
   CPU host, as text. From jax 0.11 a Triton kernel lowers for the GPU kind of the abstract
   mesh in context (a host without a GPU has none to ask), so for "cuda" the mesh in
   context, or an empty one, names an H100."""
-  if platform != "cuda":
-    return jitted.trace(*args).lower(lowering_platforms=(platform,)).as_text()
-  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
-  mesh = jax.sharding.get_abstract_mesh()
-  target = (jax.sharding.AbstractMesh((), (), abstract_device=h100) if mesh.empty
-            else mesh.update(abstract_device=h100))
-  with jax.sharding.use_abstract_mesh(target):
+  target = contextlib.nullcontext()
+  if platform == "cuda":
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None,
+                                       platform="gpu")
+    mesh = jax.sharding.get_abstract_mesh()
+    target = jax.sharding.use_abstract_mesh(
+        jax.sharding.AbstractMesh((), (), abstract_device=h100) if mesh.empty
+        else mesh.update(abstract_device=h100))
+  with target:
     return jitted.trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
