@@ -195,6 +195,13 @@ def test_unknown_unmask_impl_is_named():
     generate.DecodeConfig(method="blt_d", unmask_impl="triton")
 
 
+@pytest.mark.parametrize("field, value, least", [("max_bytes", 0, 1), ("block_size", 0, 1),
+                                                 ("draft_len", 1, 2), ("prefill_chunk", 0, 1)])
+def test_out_of_range_decode_option_is_named(field, value, least):
+  with pytest.raises(ValueError, match=f"^{field}={value}: need {field} >= {least}$"):
+    generate.DecodeConfig(**{field: value})
+
+
 def _with_kernel_attention(config, backend="tpu"):
   return dataclasses.replace(config, attention_impl="pallas", attention_backend=backend,
                              attention_interpret=True)

@@ -60,8 +60,10 @@ class DecodeConfig:
     if self.block_commit not in diffusion.BLOCK_COMMITS:
       raise ValueError(f"block_commit {self.block_commit!r} is not one of "
                        f"{diffusion.BLOCK_COMMITS}")
-    if self.max_bytes < 1 or self.block_size < 1 or self.draft_len < 2:
-      raise ValueError(f"need max_bytes >= 1, block_size >= 1, draft_len >= 2: {self}")
+    for name, least in (("max_bytes", 1), ("block_size", 1), ("draft_len", 2),
+                        ("prefill_chunk", 1)):
+      if getattr(self, name) < least:
+        raise ValueError(f"{name}={getattr(self, name)}: need {name} >= {least}")
     if self.temperature < 0 or not 0 < self.top_p <= 1:
       raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, "
                        f"{self.top_p}")
