@@ -1,0 +1,263 @@
+"""Compiles every Pallas GPU kernel of bltjax, and the decoding programs that call them,
+for an NVIDIA GPU, on a host without one.
+
+XLA compiles for a compile-only device described by a GPU target config (the device's
+limits: compute capability, shared memory, registers), so Pallas's Triton lowering, the
+Triton compiler and its resource checks (a block that needs more shared memory than the
+device has fails here as it would on the device) all run; nothing executes. A check to
+run before a GPU session, whose minutes are few: it catches what cross-lowering
+(tests/pallas_kernels) cannot, short of running. Shapes: those of `bench/gpu_suite.sh`
+(the diffusion and sparse-FFN kernel benchmarks, and the generation model of its
+`gen_train` step, decoded with `--attention_impl pallas --unmask_impl pallas`).
+
+Needs the CUDA plugin of the installed jaxlib (no GPU, no driver):
+  pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"
+  python bench/gpu_compile_check.py                 # H200; --target h100 for an H100 SXM
+  python bench/gpu_compile_check.py --only kernels  # the kernels alone (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+# The plugin checks the CUDA driver's version when it loads; there is none on a CPU host.
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # noqa: E402
+
+# GpuTargetConfigProto (text format) of each target: the device limits the compiler reads.
+_TARGET_LIMITS = {
+    "h100": dict(core_count=132, clock_rate_ghz=1.98, memory_bandwidth=3352320000000,
+                 device_memory_size=84942979072, name="NVIDIA H100 80GB HBM3"),
+    "h200": dict(core_count=132, clock_rate_ghz=1.98, memory_bandwidth=4800000000000,
+                 device_memory_size=151397597184, name="NVIDIA H200"),
+}
+
+
+def target_config(target: str) -> str:
+  """The text-format GpuTargetConfigProto of a Hopper GPU (sm_90) named `target`."""
+  t = _TARGET_LIMITS[target]
+  return f"""
+gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: {t["core_count"]}
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {t["memory_bandwidth"]}
+  l2_cache_size: 52428800
+  clock_rate_ghz: {t["clock_rate_ghz"]}
+  device_memory_size: {t["device_memory_size"]}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+device_description_str: "{t["name"]}"
+"""
+
+
+def compile_only_sharding(target: str):
+  """A replicated sharding over one compile-only device of `target`."""
+  try:
+    topology = topologies.get_topology_desc(platform="cuda", topology="1x1x1",
+                                            target_config=target_config(target))
+  except (KeyError, NotImplementedError, RuntimeError) as e:
+    raise SystemExit(
+        f"no CUDA compiler here ({type(e).__name__}: {e}); install the CUDA plugin of this "
+        f"jaxlib: pip install \"jax[cuda12]=={jax.__version__}\"") from e
+  mesh = topologies.make_mesh(topology, (1,), ("x",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def kernel_cases(spec):
+  """(name, fn, abstract args) for each kernel at the GPU benchmarks' shapes."""
+  from bench import diffusion_kernels  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import diffusion as dk  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import sparse_ffn  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.sparse_ffn import bench as sparse_bench  # pylint: disable=g-import-not-at-top
+
+  cases = []
+  batch, length, window, heads, head_dim, block = diffusion_kernels.ATTENTION_SHAPES["full"]
+  # The benchmark's `[clean ; noisy blocks]` rows (built on this host; only the length).
+  total = diffusion_kernels.bltd_layout(batch, length, window, block)[3].a0.shape[1]
+  for dtype in (jnp.bfloat16, jnp.float32):
+    qkv = [spec((batch, total, heads, head_dim), dtype)] * 3
+    ranges = [spec((batch, total), jnp.int32)] * 4
+
+    def loss(q, k, v, *r):
+      return jnp.sum(dk.range_attention(q, k, v, r, backend="gpu").astype(jnp.float32))
+    name = f"range_attention [{batch}, {total}, {heads}, {head_dim}] {jnp.dtype(dtype).name}"
+    cases.append((name + " fwd", lambda q, k, v, *r: dk.range_attention(q, k, v, r,
+                                                                        backend="gpu"),
+                  qkv + ranges))
+    cases.append((name + " fwd+bwd", jax.grad(loss, argnums=(0, 1, 2)), qkv + ranges))
+
+  for rule in dk.RULES:
+    for block_size in (4, 8, 16):
+      for dtype, sampled in ((jnp.bfloat16, False), (jnp.float32, True)):
+        args = [spec((8, block_size, 260), dtype), spec((8, block_size), jnp.int32),
+                spec((8, block_size), bool), spec((), jnp.float32),
+                spec((8, block_size), jnp.int32)]
+        fn = (lambda lg, b, s, th, tok, rule=rule, sampled=sampled: dk.unmask_step(
+            lg, b, s, th, rule=rule, backend="gpu", tokens=tok if sampled else None))
+        cases.append((f"unmask_step {rule} B={block_size} {jnp.dtype(dtype).name}"
+                      f"{' sampled' if sampled else ''}", fn, args))
+
+  groups, size = 2, dk.kernel_cache_size(window + 16)
+  for t, block_step in ((1, False), (8, False), (8, True)):
+    args = [spec((8, t, heads, head_dim), jnp.bfloat16), spec((8, t), jnp.int32),
+            spec((8, t), bool), spec((8, groups, size, head_dim), jnp.bfloat16),
+            spec((8, groups, head_dim, size), jnp.bfloat16), spec((8, size), jnp.int32),
+            spec((8, t, groups, head_dim), jnp.bfloat16),
+            spec((8, t, groups, head_dim), jnp.bfloat16), spec((8, t), jnp.int32),
+            spec((8,), jnp.int32)]
+
+    def attend(q, qp, qv, ck, cv, cp, nk, nv, npos, start, block_step=block_step):
+      return dk.cached_attention(q, qp, qv, ck, cv, cp, nk, nv, npos, window=window,
+                                 block_start=start if block_step else None, backend="gpu")
+    cases.append((f"cached_attention T={t}{' block' if block_step else ''} cache {size}",
+                  attend, args))
+
+  for name, (t, d, f) in sparse_bench.SHAPES.items():
+    args = [spec(s, jnp.bfloat16) for s in ((t, d), (d, f), (f, d))]
+    ffn = lambda x, wu, wd: sparse_ffn.sparse_relu_ffn(x, wu, wd, backend="gpu")
+
+    def ffn_loss(x, wu, wd):
+      return jnp.sum(sparse_ffn.sparse_relu_ffn(x, wu, wd, backend="gpu").astype(jnp.float32))
+    cases.append((f"sparse_relu_ffn {name} [{t}, {d}] x [{d}, {f}] fwd", ffn, args))
+    cases.append((f"sparse_relu_ffn {name} fwd+bwd", jax.grad(ffn_loss, argnums=(0, 1, 2)),
+                  args))
+  return cases
+
+
+def decode_cases(spec, experiment: str, batch_sizes, prompt_len: int, max_bytes: int):
+  """(name, fn, abstract args): every decoding method's whole program (prefill + loop)
+  with the cached-attention and unmasking kernels, for the model of `experiment`."""
+  from bltjax import configs  # pylint: disable=g-import-not-at-top
+  from bltjax import convert  # pylint: disable=g-import-not-at-top
+  from bltjax import generate  # pylint: disable=g-import-not-at-top
+  from bltjax import model as model_lib  # pylint: disable=g-import-not-at-top
+
+  config = configs.load(experiment)
+  configs.set_value(config, "model.dtype", "bfloat16")
+  blt_shapes, entropy_shapes = convert.abstract_params(config)
+  entropy = config.patcher.mode == "entropy"
+  params = {"blt": blt_shapes, "entropy": entropy_shapes if entropy else None}
+  params = jax.tree.map(lambda x: spec(x.shape, x.dtype), params)
+  blt_config = model_lib.blt_config(config.model)
+  patcher_config = model_lib.patcher_config(config.patcher, threshold=2.0)
+  entropy_config = (model_lib.transformer_config(config.model.entropy, config.model)
+                    if entropy else None)
+  methods = [("ar", {}), ("blt_s", {"draft_len": 8}), ("blt_dv", {"draft_len": 8}),
+             ("blt_d", {"block_size": 8, "alpha": 0.7}),
+             ("blt_d", {"block_size": 8, "gamma": 1.0}),
+             ("blt_h", {"block_size": 8, "gate": 0.8})]
+  cases = []
+  for batch in batch_sizes:
+    for method, options in methods:
+      for temperature in (0.0, 1.0):
+        decode = generate.DecodeConfig(
+            method=method, max_bytes=max_bytes, temperature=temperature,
+            attention_impl="pallas", unmask_impl="pallas", unmask_backend="gpu", **options)
+        engine = on_gpu_kernels(generate.make_engine(blt_config, patcher_config,
+                                                     entropy_config, prompt_len, decode))
+        program = generate.decode_program(engine, decode.structure())
+        knobs = jax.tree.map(lambda x: spec(x.shape, x.dtype), decode.knobs())
+        args = [params, spec((batch, prompt_len), jnp.int32), spec((batch,), jnp.int32),
+                spec((2,), jnp.uint32), knobs]
+        label = " ".join(f"{k}={v}" for k, v in options.items())
+        cases.append((f"decode {method} {label} batch {batch} "
+                      f"{'sampled' if temperature else 'greedy'}", program, args))
+  return cases
+
+
+def on_gpu_kernels(engine):
+  """`engine` with every stack's cached attention on the Triton kernel (the kernel
+  package would pick the XLA reference on this CPU host)."""
+  def stack(c):
+    return c and dataclasses.replace(c, attention_backend="gpu")
+  cfg = engine.config
+  cfg = dataclasses.replace(cfg, encoder=stack(cfg.encoder),
+                            global_model=stack(cfg.global_model), decoder=stack(cfg.decoder))
+  return dataclasses.replace(engine, config=cfg, entropy_config=stack(engine.entropy_config))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def compile_case(name, fn, args):
+  """(row, ok): compiles `fn` for `args` (jitted if it is not already)."""
+  fn = fn if hasattr(fn, "lower") else jax.jit(fn)
+  start = time.perf_counter()
+  try:
+    compiled = fn.lower(*args).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    message = " ".join(str(e).split())[:300]
+    return [name, "FAILED", f"{time.perf_counter() - start:.1f}", "-",
+            f"{type(e).__name__}: {message}"], False
+  kernels = compiled.as_text().count("__gpu$xla.gpu.triton")
+  return [name, "compiled", f"{time.perf_counter() - start:.1f}", str(kernels), ""], True
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--target", choices=sorted(_TARGET_LIMITS), default="h200")
+  parser.add_argument("--only", choices=("kernels", "decode"), default=None)
+  parser.add_argument("--experiment", default="experiments/blt_bench.py:bltd8,large",
+                      help="the model whose decoding programs compile (gpu_suite's gen_train)")
+  parser.add_argument("--batch_sizes", type=common.batch_sizes, default="1,8")
+  parser.add_argument("--prompt_len", type=int, default=65)
+  parser.add_argument("--max_bytes", type=int, default=128)
+  parser.add_argument("--no_append", action="store_true")
+  args = parser.parse_args(argv)
+  sharding = compile_only_sharding(args.target)
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  cases = []
+  if args.only != "decode":
+    cases += kernel_cases(spec)
+  if args.only != "kernels":
+    cases += decode_cases(spec, args.experiment, args.batch_sizes, args.prompt_len,
+                          args.max_bytes)
+  rows, failed = [], 0
+  for name, fn, fn_args in cases:
+    row, ok = compile_case(name, fn, fn_args)
+    failed += not ok
+    print(" | ".join(row), flush=True)
+    rows.append(row)
+  table = common.markdown_table(["program", "result", "compile s", "Triton kernels", "error"],
+                                rows)
+  print(table)
+  print(f"{len(rows) - failed} of {len(rows)} compiled for {args.target}")
+  if not args.no_append:
+    common.append(
+        f"Pallas GPU kernels compiled for an {args.target.upper()} without one", table,
+        argv=argv,
+        note=f"XLA's deviceless compilation (jax {jax.__version__} with its CUDA plugin, no "
+             f"GPU): every program lowered and compiled for a compile-only {args.target} "
+             f"(sm_90) device, Triton's resource checks included; nothing ran. Triton "
+             f"kernels: the Triton calls left in the compiled program.")
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
