@@ -8,12 +8,14 @@ device has fails here as it would on the device) all run; nothing executes. A ch
 run before a GPU session, whose minutes are few: it catches what cross-lowering
 (tests/pallas_kernels) cannot, short of running. Shapes: those of `bench/gpu_suite.sh`
 (the diffusion and sparse-FFN kernel benchmarks, and the generation model of its
-`gen_train` step, decoded with `--attention_impl pallas --unmask_impl pallas`).
+`gen_train` step, decoded with `--attention_impl pallas --unmask_impl pallas` and trained
+with `model.attention.impl=pallas`).
 
 Needs the CUDA plugin of the installed jaxlib (no GPU, no driver):
   pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"
   python bench/gpu_compile_check.py                 # H200; --target h100 for an H100 SXM
   python bench/gpu_compile_check.py --only kernels  # the kernels alone (seconds)
+  python bench/gpu_compile_check.py --only train    # the train steps (a minute)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import tempfile
 import time
 
 # The plugin checks the CUDA driver's version when it loads; there is none on a CPU host.
@@ -191,6 +194,43 @@ def decode_cases(spec, experiment: str, batch_sizes, prompt_len: int, max_bytes:
   return cases
 
 
+class _InMesh:
+  """A jitted function whose lowering runs under `mesh` (the train step's kernels run
+  inside `shard_map` over the mesh in context)."""
+
+  def __init__(self, jitted, mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def lower(self, *args):
+    from bltjax import sharding  # pylint: disable=g-import-not-at-top
+    with sharding.use_mesh(self.mesh):
+      return self.jitted.lower(*args)
+
+
+def train_cases(devices, experiments, workdir: str):
+  """(name, step, abstract args): the train step of each `experiments` file with every
+  attention on the range-attention kernel (`model.attention.impl=pallas`), bf16."""
+  from bltjax import configs  # pylint: disable=g-import-not-at-top
+  from bltjax import train  # pylint: disable=g-import-not-at-top
+  cases = []
+  for experiment in experiments:
+    config = configs.load(experiment)
+    for key, value in (("model.dtype", "bfloat16"), ("model.attention.impl", "pallas"),
+                       ("model.attention.backend", "gpu")):
+      configs.set_value(config, key, value)
+    if config.model.kind == "blt":
+      configs.set_value(config, "patcher.mode", "static")   # no entropy model to load
+    trainer = train.Trainer(config, os.path.join(workdir, str(len(cases))), devices=devices)
+    batch = jax.tree.map(
+        lambda s, t=trainer: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=t.batch_sharding),
+        train.abstract_batch(config.train.batch_size, config.train.seq_len))
+    step = trainer._jit_train_step  # pylint: disable=protected-access
+    cases.append((f"train step {experiment} (batch {config.train.batch_size} x "
+                  f"{config.train.seq_len})", _InMesh(step, trainer.mesh),
+                  [trainer.abstract_state, batch, None]))
+  return cases
+
+
 def on_gpu_kernels(engine):
   """`engine` with every stack's cached attention on the Triton kernel (the kernel
   package would pick the XLA reference on this CPU host)."""
@@ -222,9 +262,13 @@ def compile_case(name, fn, args):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--target", choices=sorted(_TARGET_LIMITS), default="h200")
-  parser.add_argument("--only", choices=("kernels", "decode"), default=None)
+  parser.add_argument("--only", choices=("kernels", "decode", "train"), default=None)
   parser.add_argument("--experiment", default="experiments/blt_bench.py:bltd8,large",
-                      help="the model whose decoding programs compile (gpu_suite's gen_train)")
+                      help="the model whose decoding programs and train step compile "
+                           "(gpu_suite's gen_train)")
+  parser.add_argument("--train_experiments", type=lambda s: s.split(";"),
+                      default=["experiments/entropy_100m.py"],
+                      help="more experiment files whose train steps compile (';'-separated)")
   parser.add_argument("--batch_sizes", type=common.batch_sizes, default="1,8")
   parser.add_argument("--prompt_len", type=int, default=65)
   parser.add_argument("--max_bytes", type=int, default=128)
@@ -233,11 +277,15 @@ def main(argv=None):
   sharding = compile_only_sharding(args.target)
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   cases = []
-  if args.only != "decode":
+  if args.only in (None, "kernels"):
     cases += kernel_cases(spec)
-  if args.only != "kernels":
+  if args.only in (None, "decode"):
     cases += decode_cases(spec, args.experiment, args.batch_sizes, args.prompt_len,
                           args.max_bytes)
+  if args.only in (None, "train"):
+    workdir = tempfile.mkdtemp(prefix="gpu_compile_check_")
+    cases += train_cases(list(sharding.mesh.devices.flat),
+                         [args.experiment] + args.train_experiments, workdir)
   rows, failed = [], 0
   for name, fn, fn_args in cases:
     row, ok = compile_case(name, fn, fn_args)
