@@ -5,7 +5,7 @@
 #
 #   bash ../shared/gpu/fetch_wheels.sh tensorboardX      # once, here: wheels for grain etc.
 #   bash bench/fetch_hf_wheels.sh                        # once, here: transformers (hf_peer)
-#   python bench/gpu_compile_check.py    # here, no GPU needed (jax[cuda12]): every Pallas
+#   python bench/compile_check.py        # here, no GPU needed (jax[cuda12]): every Pallas
 #                                        # kernel and decoding program compiles for an H200
 #   (device) export GIT_COMMIT=<git rev-parse --short HEAD, read here: the copy there
 #            may have no .git, or a stale one>; source .whl/activate.sh &&

@@ -1,21 +1,23 @@
-"""Compiles every Pallas GPU kernel of bltjax, and the decoding programs that call them,
-for an NVIDIA GPU, on a host without one.
+"""Compiles every Pallas kernel of bltjax, and the decoding programs and train steps that
+call them, for a GPU (H100, H200) or a TPU (v4, v5e, v5p, v6e), on a host without one.
 
-XLA compiles for a compile-only device described by a GPU target config (the device's
-limits: compute capability, shared memory, registers), so Pallas's Triton lowering, the
-Triton compiler and its resource checks (a block that needs more shared memory than the
-device has fails here as it would on the device) all run; nothing executes. A check to
-run before a GPU session, whose minutes are few: it catches what cross-lowering
-(tests/pallas_kernels) cannot, short of running. Shapes: those of `bench/gpu_suite.sh`
-(the diffusion and sparse-FFN kernel benchmarks, and the generation model of its
-`gen_train` step, decoded with `--attention_impl pallas --unmask_impl pallas` and trained
-with `model.attention.impl=pallas`).
+XLA compiles for compile-only devices: a GPU described by its target config (compute
+capability, shared memory, registers), so Pallas's Triton lowering, the Triton compiler
+and its resource checks run (a block that needs more shared memory than the device has
+fails here as it would there); a TPU topology from libtpu, so Mosaic compiles the TPU
+kernels as for the chip. Nothing executes. A check to run before a GPU or TPU session,
+whose minutes are few: it catches what cross-lowering (tests/pallas_kernels) cannot,
+short of running. Shapes: those of `bench/gpu_suite.sh` (the diffusion and sparse-FFN
+kernel benchmarks, and the generation model of its `gen_train` step, decoded with
+`--attention_impl pallas --unmask_impl pallas` and trained with
+`model.attention.impl=pallas`).
 
-Needs the CUDA plugin of the installed jaxlib (no GPU, no driver):
-  pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"
-  python bench/gpu_compile_check.py                 # H200; --target h100 for an H100 SXM
-  python bench/gpu_compile_check.py --only kernels  # the kernels alone (seconds)
-  python bench/gpu_compile_check.py --only train    # the train steps (a minute)
+Needs the compiler plugin of the installed jaxlib (no GPU, TPU or driver):
+  pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"   # GPU
+  pip install "jax[tpu]==$(python -c 'import jax; print(jax.__version__)')"      # TPU
+  python bench/compile_check.py                  # H200 (--target h100 | v5e | v6e | ...)
+  python bench/compile_check.py --only kernels   # the kernels alone (seconds)
+  python bench/compile_check.py --only train     # the train steps (a minute)
 """
 
 from __future__ import annotations
@@ -27,28 +29,39 @@ import sys
 import tempfile
 import time
 
-# The plugin checks the CUDA driver's version when it loads; there is none on a CPU host.
+# The CUDA plugin checks the driver's version when it loads; there is none on a CPU host.
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import common  # noqa: E402
 
-# GpuTargetConfigProto (text format) of each target: the device limits the compiler reads.
-_TARGET_LIMITS = {
+# GpuTargetConfigProto (text format) of each GPU target: the device limits the compiler
+# reads; and the libtpu topology of each TPU target (one of its chips is used).
+_GPU_LIMITS = {
     "h100": dict(core_count=132, clock_rate_ghz=1.98, memory_bandwidth=3352320000000,
                  device_memory_size=84942979072, name="NVIDIA H100 80GB HBM3"),
     "h200": dict(core_count=132, clock_rate_ghz=1.98, memory_bandwidth=4800000000000,
                  device_memory_size=151397597184, name="NVIDIA H200"),
 }
+_TPU_TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
+TARGETS = tuple(_GPU_LIMITS) + tuple(_TPU_TOPOLOGIES)
+# What marks a Pallas kernel call in a compiled program, per kernel backend.
+_KERNEL_MARKERS = {"gpu": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+
+
+def kernel_backend(target: str) -> str:
+  """The Pallas backend ("gpu" | "tpu") that runs on `target`."""
+  return "gpu" if target in _GPU_LIMITS else "tpu"
 
 
 def target_config(target: str) -> str:
   """The text-format GpuTargetConfigProto of a Hopper GPU (sm_90) named `target`."""
-  t = _TARGET_LIMITS[target]
+  t = _GPU_LIMITS[target]
   return f"""
 gpu_device_info {{
   threads_per_block_limit: 1024
@@ -78,22 +91,28 @@ device_description_str: "{t["name"]}"
 
 def compile_only_sharding(target: str):
   """A replicated sharding over one compile-only device of `target`."""
+  gpu = kernel_backend(target) == "gpu"
   try:
-    topology = topologies.get_topology_desc(platform="cuda", topology="1x1x1",
-                                            target_config=target_config(target))
-  except (KeyError, NotImplementedError, RuntimeError) as e:
+    if gpu:
+      topology = topologies.get_topology_desc(platform="cuda", topology="1x1x1",
+                                              target_config=target_config(target))
+    else:
+      topology = topologies.get_topology_desc(_TPU_TOPOLOGIES[target], platform="tpu")
+  except (KeyError, NotImplementedError, RuntimeError, ImportError) as e:
+    extra = "cuda12" if gpu else "tpu"
     raise SystemExit(
-        f"no CUDA compiler here ({type(e).__name__}: {e}); install the CUDA plugin of this "
-        f"jaxlib: pip install \"jax[cuda12]=={jax.__version__}\"") from e
-  mesh = topologies.make_mesh(topology, (1,), ("x",))
+        f"no {'CUDA' if gpu else 'TPU'} compiler here ({type(e).__name__}: {e}); install "
+        f"the plugin of this jaxlib: pip install \"jax[{extra}]=={jax.__version__}\"") from e
+  mesh = jax.sharding.Mesh(np.array(topology.devices[:1]), ("x",))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 # --------------------------------------------------------------------------- cases
 
 
-def kernel_cases(spec):
-  """(name, fn, abstract args) for each kernel at the GPU benchmarks' shapes."""
+def kernel_cases(spec, backend: str):
+  """(name, fn, abstract args) for each kernel on `backend` ("gpu" | "tpu") at the GPU
+  benchmarks' shapes."""
   from bench import diffusion_kernels  # pylint: disable=g-import-not-at-top
   from pallas_kernels import diffusion as dk  # pylint: disable=g-import-not-at-top
   from pallas_kernels import sparse_ffn  # pylint: disable=g-import-not-at-top
@@ -108,10 +127,10 @@ def kernel_cases(spec):
     ranges = [spec((batch, total), jnp.int32)] * 4
 
     def loss(q, k, v, *r):
-      return jnp.sum(dk.range_attention(q, k, v, r, backend="gpu").astype(jnp.float32))
+      return jnp.sum(dk.range_attention(q, k, v, r, backend=backend).astype(jnp.float32))
     name = f"range_attention [{batch}, {total}, {heads}, {head_dim}] {jnp.dtype(dtype).name}"
     cases.append((name + " fwd", lambda q, k, v, *r: dk.range_attention(q, k, v, r,
-                                                                        backend="gpu"),
+                                                                        backend=backend),
                   qkv + ranges))
     cases.append((name + " fwd+bwd", jax.grad(loss, argnums=(0, 1, 2)), qkv + ranges))
 
@@ -122,7 +141,7 @@ def kernel_cases(spec):
                 spec((8, block_size), bool), spec((), jnp.float32),
                 spec((8, block_size), jnp.int32)]
         fn = (lambda lg, b, s, th, tok, rule=rule, sampled=sampled: dk.unmask_step(
-            lg, b, s, th, rule=rule, backend="gpu", tokens=tok if sampled else None))
+            lg, b, s, th, rule=rule, backend=backend, tokens=tok if sampled else None))
         cases.append((f"unmask_step {rule} B={block_size} {jnp.dtype(dtype).name}"
                       f"{' sampled' if sampled else ''}", fn, args))
 
@@ -137,23 +156,24 @@ def kernel_cases(spec):
 
     def attend(q, qp, qv, ck, cv, cp, nk, nv, npos, start, block_step=block_step):
       return dk.cached_attention(q, qp, qv, ck, cv, cp, nk, nv, npos, window=window,
-                                 block_start=start if block_step else None, backend="gpu")
+                                 block_start=start if block_step else None, backend=backend)
     cases.append((f"cached_attention T={t}{' block' if block_step else ''} cache {size}",
                   attend, args))
 
   for name, (t, d, f) in sparse_bench.SHAPES.items():
     args = [spec(s, jnp.bfloat16) for s in ((t, d), (d, f), (f, d))]
-    ffn = lambda x, wu, wd: sparse_ffn.sparse_relu_ffn(x, wu, wd, backend="gpu")
+    ffn = lambda x, wu, wd: sparse_ffn.sparse_relu_ffn(x, wu, wd, backend=backend)
 
     def ffn_loss(x, wu, wd):
-      return jnp.sum(sparse_ffn.sparse_relu_ffn(x, wu, wd, backend="gpu").astype(jnp.float32))
+      return jnp.sum(sparse_ffn.sparse_relu_ffn(x, wu, wd, backend=backend).astype(jnp.float32))
     cases.append((f"sparse_relu_ffn {name} [{t}, {d}] x [{d}, {f}] fwd", ffn, args))
     cases.append((f"sparse_relu_ffn {name} fwd+bwd", jax.grad(ffn_loss, argnums=(0, 1, 2)),
                   args))
   return cases
 
 
-def decode_cases(spec, experiment: str, batch_sizes, prompt_len: int, max_bytes: int):
+def decode_cases(spec, backend: str, experiment: str, batch_sizes, prompt_len: int,
+                 max_bytes: int):
   """(name, fn, abstract args): every decoding method's whole program (prefill + loop)
   with the cached-attention and unmasking kernels, for the model of `experiment`."""
   from bltjax import configs  # pylint: disable=g-import-not-at-top
@@ -181,9 +201,9 @@ def decode_cases(spec, experiment: str, batch_sizes, prompt_len: int, max_bytes:
       for temperature in (0.0, 1.0):
         decode = generate.DecodeConfig(
             method=method, max_bytes=max_bytes, temperature=temperature,
-            attention_impl="pallas", unmask_impl="pallas", unmask_backend="gpu", **options)
-        engine = on_gpu_kernels(generate.make_engine(blt_config, patcher_config,
-                                                     entropy_config, prompt_len, decode))
+            attention_impl="pallas", unmask_impl="pallas", unmask_backend=backend, **options)
+        engine = on_kernels(generate.make_engine(blt_config, patcher_config,
+                                                 entropy_config, prompt_len, decode), backend)
         program = generate.decode_program(engine, decode.structure())
         knobs = jax.tree.map(lambda x: spec(x.shape, x.dtype), decode.knobs())
         args = [params, spec((batch, prompt_len), jnp.int32), spec((batch,), jnp.int32),
@@ -207,7 +227,7 @@ class _InMesh:
       return self.jitted.lower(*args)
 
 
-def train_cases(devices, experiments, workdir: str):
+def train_cases(devices, backend: str, experiments, workdir: str):
   """(name, step, abstract args): the train step of each `experiments` file with every
   attention on the range-attention kernel (`model.attention.impl=pallas`), bf16."""
   from bltjax import configs  # pylint: disable=g-import-not-at-top
@@ -216,7 +236,7 @@ def train_cases(devices, experiments, workdir: str):
   for experiment in experiments:
     config = configs.load(experiment)
     for key, value in (("model.dtype", "bfloat16"), ("model.attention.impl", "pallas"),
-                       ("model.attention.backend", "gpu")):
+                       ("model.attention.backend", backend)):
       configs.set_value(config, key, value)
     if config.model.kind == "blt":
       configs.set_value(config, "patcher.mode", "static")   # no entropy model to load
@@ -231,11 +251,11 @@ def train_cases(devices, experiments, workdir: str):
   return cases
 
 
-def on_gpu_kernels(engine):
-  """`engine` with every stack's cached attention on the Triton kernel (the kernel
+def on_kernels(engine, backend: str):
+  """`engine` with every stack's cached attention on `backend`'s kernel (the kernel
   package would pick the XLA reference on this CPU host)."""
   def stack(c):
-    return c and dataclasses.replace(c, attention_backend="gpu")
+    return c and dataclasses.replace(c, attention_backend=backend)
   cfg = engine.config
   cfg = dataclasses.replace(cfg, encoder=stack(cfg.encoder),
                             global_model=stack(cfg.global_model), decoder=stack(cfg.decoder))
@@ -245,8 +265,9 @@ def on_gpu_kernels(engine):
 # --------------------------------------------------------------------------- main
 
 
-def compile_case(name, fn, args):
-  """(row, ok): compiles `fn` for `args` (jitted if it is not already)."""
+def compile_case(name, fn, args, backend: str):
+  """(row, ok): compiles `fn` for `args` (jitted if it is not already); the row counts
+  the `backend` kernel calls left in the compiled program."""
   fn = fn if hasattr(fn, "lower") else jax.jit(fn)
   start = time.perf_counter()
   try:
@@ -255,13 +276,13 @@ def compile_case(name, fn, args):
     message = " ".join(str(e).split())[:300]
     return [name, "FAILED", f"{time.perf_counter() - start:.1f}", "-",
             f"{type(e).__name__}: {message}"], False
-  kernels = compiled.as_text().count("__gpu$xla.gpu.triton")
+  kernels = compiled.as_text().count(_KERNEL_MARKERS[backend])
   return [name, "compiled", f"{time.perf_counter() - start:.1f}", str(kernels), ""], True
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--target", choices=sorted(_TARGET_LIMITS), default="h200")
+  parser.add_argument("--target", choices=TARGETS, default="h200")
   parser.add_argument("--only", choices=("kernels", "decode", "train"), default=None)
   parser.add_argument("--experiment", default="experiments/blt_bench.py:bltd8,large",
                       help="the model whose decoding programs and train step compile "
@@ -275,35 +296,37 @@ def main(argv=None):
   parser.add_argument("--no_append", action="store_true")
   args = parser.parse_args(argv)
   sharding = compile_only_sharding(args.target)
+  backend = kernel_backend(args.target)
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   cases = []
   if args.only in (None, "kernels"):
-    cases += kernel_cases(spec)
+    cases += kernel_cases(spec, backend)
   if args.only in (None, "decode"):
-    cases += decode_cases(spec, args.experiment, args.batch_sizes, args.prompt_len,
+    cases += decode_cases(spec, backend, args.experiment, args.batch_sizes, args.prompt_len,
                           args.max_bytes)
   if args.only in (None, "train"):
-    workdir = tempfile.mkdtemp(prefix="gpu_compile_check_")
-    cases += train_cases(list(sharding.mesh.devices.flat),
+    workdir = tempfile.mkdtemp(prefix="compile_check_")
+    cases += train_cases(list(sharding.mesh.devices.flat), backend,
                          [args.experiment] + args.train_experiments, workdir)
   rows, failed = [], 0
   for name, fn, fn_args in cases:
-    row, ok = compile_case(name, fn, fn_args)
+    row, ok = compile_case(name, fn, fn_args, backend)
     failed += not ok
     print(" | ".join(row), flush=True)
     rows.append(row)
-  table = common.markdown_table(["program", "result", "compile s", "Triton kernels", "error"],
-                                rows)
+  compiler = "Triton" if backend == "gpu" else "Mosaic"
+  table = common.markdown_table(
+      ["program", "result", "compile s", f"{compiler} kernels", "error"], rows)
   print(table)
   print(f"{len(rows) - failed} of {len(rows)} compiled for {args.target}")
   if not args.no_append:
+    plugin = "CUDA plugin" if backend == "gpu" else "libtpu"
     common.append(
-        f"Pallas GPU kernels compiled for an {args.target.upper()} without one", table,
-        argv=argv,
-        note=f"XLA's deviceless compilation (jax {jax.__version__} with its CUDA plugin, no "
-             f"GPU): every program lowered and compiled for a compile-only {args.target} "
-             f"(sm_90) device, Triton's resource checks included; nothing ran. Triton "
-             f"kernels: the Triton calls left in the compiled program.")
+        f"Pallas kernels compiled for {args.target} without one", table, argv=argv,
+        note=f"XLA's deviceless compilation (jax {jax.__version__} with its {plugin}, no "
+             f"accelerator): every program lowered and compiled for a compile-only "
+             f"{args.target} device, {compiler}'s compilation included; nothing ran. "
+             f"{compiler} kernels: the kernel calls left in the compiled program.")
   return 1 if failed else 0
 
 
