@@ -98,11 +98,14 @@ def compile_only_sharding(target: str):
                                               target_config=target_config(target))
     else:
       topology = topologies.get_topology_desc(_TPU_TOPOLOGIES[target], platform="tpu")
-  except (KeyError, NotImplementedError, RuntimeError, ImportError) as e:
-    extra = "cuda12" if gpu else "tpu"
-    raise SystemExit(
-        f"no {'CUDA' if gpu else 'TPU'} compiler here ({type(e).__name__}: {e}); install "
-        f"the plugin of this jaxlib: pip install \"jax[{extra}]=={jax.__version__}\"") from e
+  except (NotImplementedError, RuntimeError) as e:
+    if isinstance(e, NotImplementedError) or "not installed" in str(e):
+      extra = "cuda12" if gpu else "tpu"
+      raise SystemExit(
+          f"no {'CUDA' if gpu else 'TPU'} compiler here ({type(e).__name__}: {e}); install "
+          f"the plugin of this jaxlib: pip install \"jax[{extra}]=={jax.__version__}\"") from e
+    # e.g. libtpu's lockfile: another process holds the TPU compiler.
+    raise SystemExit(f"could not make a compile-only {target} device: {e}") from e
   mesh = jax.sharding.Mesh(np.array(topology.devices[:1]), ("x",))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
