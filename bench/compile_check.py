@@ -113,6 +113,26 @@ def compile_only_sharding(target: str):
 # --------------------------------------------------------------------------- cases
 
 
+def range_attention_cases(spec, backend: str, lengths):
+  """(name, fn, abstract args): range attention forward+backward on rows of each length
+  (batch 4, 8 query heads over 2 kv heads, head_dim 64 and 128, bf16 and f32): how long a
+  row the kernels hold (the TPU kernels keep a whole row per (batch, head) in VMEM)."""
+  from pallas_kernels import diffusion as dk  # pylint: disable=g-import-not-at-top
+  cases = []
+  for head_dim in (64, 128):
+    for dtype in (jnp.bfloat16, jnp.float32):
+      for length in lengths:
+        args = ([spec((4, length, 8, head_dim), dtype)]
+                + [spec((4, length, 2, head_dim), dtype)] * 2
+                + [spec((4, length), jnp.int32)] * 4)
+
+        def loss(q, k, v, *r):
+          return jnp.sum(dk.range_attention(q, k, v, r, backend=backend).astype(jnp.float32))
+        cases.append((f"range_attention fwd+bwd [4, {length}, 8 / 2 kv, {head_dim}] "
+                      f"{jnp.dtype(dtype).name}", jax.grad(loss, argnums=(0, 1, 2)), args))
+  return cases
+
+
 def kernel_cases(spec, backend: str):
   """(name, fn, abstract args) for each kernel on `backend` ("gpu" | "tpu") at the GPU
   benchmarks' shapes."""
@@ -286,7 +306,10 @@ def compile_case(name, fn, args, backend: str):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--target", choices=TARGETS, default="h200")
-  parser.add_argument("--only", choices=("kernels", "decode", "train"), default=None)
+  parser.add_argument("--only", choices=("kernels", "decode", "train", "lengths"),
+                      default=None, help="lengths: only the --range_lengths cases")
+  parser.add_argument("--range_lengths", type=common.batch_sizes, default=[],
+                      help="also range attention fwd+bwd on rows of these lengths")
   parser.add_argument("--experiment", default="experiments/blt_bench.py:bltd8,large",
                       help="the model whose decoding programs and train step compile "
                            "(gpu_suite's gen_train)")
@@ -304,6 +327,8 @@ def main(argv=None):
   cases = []
   if args.only in (None, "kernels"):
     cases += kernel_cases(spec, backend)
+  if args.only in (None, "lengths"):
+    cases += range_attention_cases(spec, backend, args.range_lengths)
   if args.only in (None, "decode"):
     cases += decode_cases(spec, backend, args.experiment, args.batch_sizes, args.prompt_len,
                           args.max_bytes)

@@ -69,3 +69,11 @@ def test_compiles_a_kernel_and_rejects_a_block_too_big_for_the_chip(target, back
   row, ok = compile_check.compile_case("too big", too_big, [spec((n, n), jnp.float32)],
                                        backend)
   assert not ok and row[1] == "FAILED", row
+
+
+def test_range_length_cases_cover_both_dtypes_and_head_dims():
+  cases = compile_check.range_attention_cases(jax.ShapeDtypeStruct, "tpu", [256, 512])
+  assert len(cases) == 2 * 2 * 2
+  name, fn, args = cases[0]
+  assert "[4, 256, 8 / 2 kv, 64] bfloat16" in name
+  assert MARKERS["tpu"] in lowered_text(jax.jit(fn), *args, platform="tpu")
