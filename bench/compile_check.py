@@ -113,11 +113,17 @@ def compile_only_sharding(target: str):
 # --------------------------------------------------------------------------- cases
 
 
+def _fwd_bwd(fn):
+  """The gradient of `fn`'s output, summed in float32, w.r.t. its first three arguments."""
+  return jax.grad(lambda *args: jnp.sum(fn(*args).astype(jnp.float32)), argnums=(0, 1, 2))
+
+
 def range_attention_cases(spec, backend: str, lengths):
   """(name, fn, abstract args): range attention forward+backward on rows of each length
   (batch 4, 8 query heads over 2 kv heads, head_dim 64 and 128, bf16 and f32): how long a
   row the kernels hold (the TPU kernels keep a whole row per (batch, head) in VMEM)."""
   from pallas_kernels import diffusion as dk  # pylint: disable=g-import-not-at-top
+  attention = lambda q, k, v, *r: dk.range_attention(q, k, v, r, backend=backend)
   cases = []
   for head_dim in (64, 128):
     for dtype in (jnp.bfloat16, jnp.float32):
@@ -125,11 +131,8 @@ def range_attention_cases(spec, backend: str, lengths):
         args = ([spec((4, length, 8, head_dim), dtype)]
                 + [spec((4, length, 2, head_dim), dtype)] * 2
                 + [spec((4, length), jnp.int32)] * 4)
-
-        def loss(q, k, v, *r):
-          return jnp.sum(dk.range_attention(q, k, v, r, backend=backend).astype(jnp.float32))
         cases.append((f"range_attention fwd+bwd [4, {length}, 8 / 2 kv, {head_dim}] "
-                      f"{jnp.dtype(dtype).name}", jax.grad(loss, argnums=(0, 1, 2)), args))
+                      f"{jnp.dtype(dtype).name}", _fwd_bwd(attention), args))
   return cases
 
 
@@ -145,17 +148,13 @@ def kernel_cases(spec, backend: str):
   batch, length, window, heads, head_dim, block = diffusion_kernels.ATTENTION_SHAPES["full"]
   # The benchmark's `[clean ; noisy blocks]` rows (built on this host; only the length).
   total = diffusion_kernels.bltd_layout(batch, length, window, block)[3].a0.shape[1]
+  attention = lambda q, k, v, *r: dk.range_attention(q, k, v, r, backend=backend)
   for dtype in (jnp.bfloat16, jnp.float32):
-    qkv = [spec((batch, total, heads, head_dim), dtype)] * 3
-    ranges = [spec((batch, total), jnp.int32)] * 4
-
-    def loss(q, k, v, *r):
-      return jnp.sum(dk.range_attention(q, k, v, r, backend=backend).astype(jnp.float32))
+    args = ([spec((batch, total, heads, head_dim), dtype)] * 3
+            + [spec((batch, total), jnp.int32)] * 4)
     name = f"range_attention [{batch}, {total}, {heads}, {head_dim}] {jnp.dtype(dtype).name}"
-    cases.append((name + " fwd", lambda q, k, v, *r: dk.range_attention(q, k, v, r,
-                                                                        backend=backend),
-                  qkv + ranges))
-    cases.append((name + " fwd+bwd", jax.grad(loss, argnums=(0, 1, 2)), qkv + ranges))
+    cases.append((name + " fwd", attention, args))
+    cases.append((name + " fwd+bwd", _fwd_bwd(attention), args))
 
   for rule in dk.RULES:
     for block_size in (4, 8, 16):
@@ -183,15 +182,11 @@ def kernel_cases(spec, backend: str):
     cases.append((f"cached_attention T={t}{' block' if block_step else ''} cache {size}",
                   attend, args))
 
+  ffn = lambda x, wu, wd: sparse_ffn.sparse_relu_ffn(x, wu, wd, backend=backend)
   for name, (t, d, f) in sparse_bench.SHAPES.items():
     args = [spec(s, jnp.bfloat16) for s in ((t, d), (d, f), (f, d))]
-    ffn = lambda x, wu, wd: sparse_ffn.sparse_relu_ffn(x, wu, wd, backend=backend)
-
-    def ffn_loss(x, wu, wd):
-      return jnp.sum(sparse_ffn.sparse_relu_ffn(x, wu, wd, backend=backend).astype(jnp.float32))
     cases.append((f"sparse_relu_ffn {name} [{t}, {d}] x [{d}, {f}] fwd", ffn, args))
-    cases.append((f"sparse_relu_ffn {name} fwd+bwd", jax.grad(ffn_loss, argnums=(0, 1, 2)),
-                  args))
+    cases.append((f"sparse_relu_ffn {name} fwd+bwd", _fwd_bwd(ffn), args))
   return cases
 
 
