@@ -36,11 +36,9 @@ def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def compiler_params(backend: str, grid_rank: int, *, num_warps: int = 4, num_stages: int = 1,
-                    vmem_limit_bytes: int | None = None):
+def compiler_params(backend: str, grid_rank: int, *, num_warps: int = 4, num_stages: int = 1):
   """pallas_call compiler params: every grid axis parallel on TPU (Mosaic); warps and
   pipeline stages on GPU (Triton)."""
   if backend == "tpu":
-    return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank,
-                                vmem_limit_bytes=vmem_limit_bytes)
+    return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank)
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)

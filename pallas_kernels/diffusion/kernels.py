@@ -1,10 +1,13 @@
 """Pallas kernels of range attention (flash attention over two key ranges per query row).
 
 One kernel body per pass serves both backends; `gpu` lowers through Triton, `tpu` through
-Mosaic. Layout: heads-major `[batch, heads, len, head_dim]`; a query tile's q, and the
-whole key/value rows of its (batch, kv head), are the kernel's blocks (VMEM on TPU: a
-row of 8k keys of width 128 in bf16 is 2 MiB), sliced `bk` keys at a time inside.
-Ranges come as four `[batch, Qp, 1]` int32 arrays (no lane slicing in the kernel).
+Mosaic. Layout: heads-major `[batch, heads, len, head_dim]`. A tile's own rows are
+BlockSpec blocks; the operand a pass loops over (key/value blocks in `forward` and `dq`,
+query tiles in `dkv`) is streamed by `_block_loop`, one visited block at a time: on TPU
+the operand stays in HBM and each block is DMA'd into a double-buffered VMEM slot, so
+VMEM holds a few blocks whatever the row length; on GPU the kernel reads the blocks of
+the row in place (Triton loads from global memory). Ranges come as four `[batch, Qp, 1]`
+int32 arrays (no lane slicing in the kernel).
 
 * `forward`  (batch, heads, Qp/bq): online softmax over the key blocks `tiles.tile_bounds`
              gives the tile; writes out and the row log-sum-exp.
@@ -34,7 +37,6 @@ from . import backends
 _NEG = -1e30
 _NT = (((1,), (1,)), ((), ()))   # a @ b^T
 _TN = (((0,), (0,)), ((), ()))   # a^T @ b
-_VMEM_LIMIT = 64 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,26 +111,96 @@ def online_softmax_finish(carry):
   return jnp.where(seen, acc / l_safe, 0.0), jnp.where(seen, m + jnp.log(l_safe), 0.0)
 
 
+# --------------------------------------------------------------------------- block streams
+
+
+def _row(ref, backend: str, *index):
+  """The `[len, d]` row at `index` (batch[, head]) of a streamed operand: on TPU the kernel
+  gets the whole array in HBM, on GPU the row's block."""
+  return ref.at[index] if backend == "tpu" else ref
+
+
+def _block_loop(n, block_of, sources, scratch, body, carry):
+  """carry = body(t, blocks, carry) for t in [0, n), where blocks[c] is block `block_of(t)`
+  of stream c and `sources[c](idx)` is that block's ref view.
+
+  `scratch` None (GPU): blocks are read in place (Triton loads from global memory).
+  `scratch` = (buffers, semaphores) (TPU; the sources live in HBM): each visited block is
+  DMA'd into a VMEM slot, two per stream, step t + 1's copies running under step t's
+  compute. VMEM holds two blocks per stream, however long the row."""
+  if scratch is None:
+    step = lambda t, c: body(t, [src(block_of(t))[...] for src in sources], c)
+    return lax.fori_loop(0, n, step, carry)
+  buffers, sems = scratch
+
+  def copies(t, slot):
+    idx = block_of(t)
+    return [pltpu.make_async_copy(src(idx), buf.at[slot], sems.at[c, slot])
+            for c, (src, buf) in enumerate(zip(sources, buffers))]
+
+  @pl.when(n > 0)
+  def _():
+    for copy in copies(0, 0):
+      copy.start()
+
+  def step(t, carry):
+    slot = lax.rem(t, 2)
+
+    @pl.when(t + 1 < n)
+    def _():
+      for copy in copies(t + 1, 1 - slot):
+        copy.start()
+
+    for copy in copies(t, slot):
+      copy.wait()
+    return body(t, [buf[slot] for buf in buffers], carry)
+
+  return lax.fori_loop(0, n, step, carry)
+
+
+def _stream_scratch(shapes):
+  """TPU scratch of `_block_loop` for blocks of the given (shape, dtype): two VMEM slots
+  each and a DMA semaphore per slot."""
+  return ([pltpu.VMEM((2, *shape), dtype) for shape, dtype in shapes]
+          + [pltpu.SemaphoreType.DMA((len(shapes), 2))])
+
+
+def _split_scratch(scratch):
+  return (scratch[:-1], scratch[-1]) if scratch else None
+
+
+def _key_blocks(bounds_ref, b, i, n_q_tiles):
+  """(count, block_of): the key blocks query tile i visits, its two intervals in order."""
+  lo_a, hi_a, lo_b, hi_b = _intervals(bounds_ref, b, i, n_q_tiles)
+  n_a = hi_a - lo_a
+  return n_a + (hi_b - lo_b), lambda t: jnp.where(t < n_a, lo_a + t, lo_b + (t - n_a))
+
+
+def _key_sources(k_ref, v_ref, bk, backend, rep):
+  """Ref views of key/value block j of the current (batch, kv head)."""
+  b, g = pl.program_id(0), kv_group(pl.program_id(1), rep)
+  rows = [_row(ref, backend, b, g) for ref in (k_ref, v_ref)]
+  return [lambda j, r=r: r.at[pl.ds(pl.multiple_of(j * bk, bk), bk), :] for r in rows]
+
+
 # --------------------------------------------------------------------------- forward
 
 
 def _fwd_kernel(bounds_ref, q_ref, k_ref, v_ref, a0_ref, a1_ref, b0_ref, b1_ref,
-                o_ref, lse_ref, *, bk, scale, n_q_tiles):
-  b, i = pl.program_id(0), pl.program_id(2)
-  lo_a, hi_a, lo_b, hi_b = _intervals(bounds_ref, b, i, n_q_tiles)
+                o_ref, lse_ref, *scratch, bk, scale, n_q_tiles, backend, rep):
+  n, block_of = _key_blocks(bounds_ref, pl.program_id(0), pl.program_id(2), n_q_tiles)
   q = q_ref[...]
   ranges = (a0_ref[...], a1_ref[...], b0_ref[...], b1_ref[...])
 
-  def body(j, carry):
-    k0 = pl.multiple_of(j * bk, bk)
-    kb = k_ref[pl.ds(k0, bk), :]
-    vb = v_ref[pl.ds(k0, bk), :]
+  def body(t, blocks, carry):
+    kb, vb = blocks
     return online_softmax_step(
-        carry, _scores(q, kb, scale), _visible(*ranges, k0, bk),
+        carry, _scores(q, kb, scale), _visible(*ranges, block_of(t) * bk, bk),
         lambda p: jnp.dot(p.astype(vb.dtype), vb, preferred_element_type=jnp.float32))
 
-  carry = lax.fori_loop(lo_a, hi_a, body, online_softmax_init(*q.shape))
-  out, lse = online_softmax_finish(lax.fori_loop(lo_b, hi_b, body, carry))
+  carry = _block_loop(n, block_of, _key_sources(k_ref, v_ref, bk, backend, rep),
+                      _split_scratch(scratch), body, online_softmax_init(*q.shape))
+  out, lse = online_softmax_finish(carry)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse
 
@@ -137,25 +209,22 @@ def _fwd_kernel(bounds_ref, q_ref, k_ref, v_ref, a0_ref, a1_ref, b0_ref, b1_ref,
 
 
 def _dq_kernel(bounds_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               a0_ref, a1_ref, b0_ref, b1_ref, dq_ref, *, bk, scale, n_q_tiles):
-  b, i = pl.program_id(0), pl.program_id(2)
-  lo_a, hi_a, lo_b, hi_b = _intervals(bounds_ref, b, i, n_q_tiles)
+               a0_ref, a1_ref, b0_ref, b1_ref, dq_ref, *scratch, bk, scale, n_q_tiles,
+               backend, rep):
+  n, block_of = _key_blocks(bounds_ref, pl.program_id(0), pl.program_id(2), n_q_tiles)
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
   ranges = (a0_ref[...], a1_ref[...], b0_ref[...], b1_ref[...])
 
-  def body(j, dq):
-    k0 = pl.multiple_of(j * bk, bk)
-    kb = k_ref[pl.ds(k0, bk), :]
-    vb = v_ref[pl.ds(k0, bk), :]
-    vis = _visible(*ranges, k0, bk)
+  def body(t, blocks, dq):
+    kb, vb = blocks
+    vis = _visible(*ranges, block_of(t) * bk, bk)
     p = jnp.where(vis, jnp.exp(_scores(q, kb, scale) - lse), 0.0)
     dp = lax.dot_general(do, vb, _NT, preferred_element_type=jnp.float32)
     ds = p * (dp - delta)
     return dq + jnp.dot(ds.astype(kb.dtype), kb, preferred_element_type=jnp.float32)
 
-  dq = jnp.zeros(q.shape, jnp.float32)
-  dq = lax.fori_loop(lo_a, hi_a, body, dq)
-  dq = lax.fori_loop(lo_b, hi_b, body, dq)
+  dq = _block_loop(n, block_of, _key_sources(k_ref, v_ref, bk, backend, rep),
+                   _split_scratch(scratch), body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -163,36 +232,36 @@ def _dq_kernel(bounds_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 
 
 def _dkv_kernel(bounds_ref, qtiles_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                a0_ref, a1_ref, b0_ref, b1_ref, dk_ref, dv_ref,
-                *, bq, bk, scale, n_q_tiles, n_k_blocks, backend):
-  b, j = pl.program_id(0), pl.program_id(2)
+                a0_ref, a1_ref, b0_ref, b1_ref, dk_ref, dv_ref, *scratch,
+                bq, bk, scale, n_q_tiles, n_k_blocks, backend):
+  b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   k0 = j * bk
   kb, vb = k_ref[...], v_ref[...]
   qt = (b * n_k_blocks + j) * 2
   first, stop = qtiles_ref[qt], qtiles_ref[qt + 1]
+  per_head = [_row(ref, backend, b, h) for ref in (q_ref, do_ref, lse_ref, delta_ref)]
+  per_batch = [_row(ref, backend, b) for ref in (a0_ref, a1_ref, b0_ref, b1_ref)]
+  sources = [lambda i, r=r: r.at[pl.ds(pl.multiple_of(i * bq, bq), bq), :]
+             for r in per_head + per_batch]
 
-  def visit(i, carry):
+  def visit(blocks, carry):
     dk, dv = carry
-    r0 = pl.multiple_of(i * bq, bq)
-    rows = pl.ds(r0, bq)
-    q, do = q_ref[rows, :], do_ref[rows, :]
-    lse, delta = lse_ref[rows, :], delta_ref[rows, :]
-    vis = _visible(a0_ref[rows, :], a1_ref[rows, :], b0_ref[rows, :], b1_ref[rows, :],
-                   k0, bk)
-    p = jnp.where(vis, jnp.exp(_scores(q, kb, scale) - lse), 0.0)
+    q, do, lse, delta, *ranges = blocks
+    p = jnp.where(_visible(*ranges, k0, bk), jnp.exp(_scores(q, kb, scale) - lse), 0.0)
     dv = dv + _lhs_t_dot(p, do, backend)
     dp = lax.dot_general(do, vb, _NT, preferred_element_type=jnp.float32)
     ds = p * (dp - delta)
     dk = dk + _lhs_t_dot(ds, q, backend)
     return dk, dv
 
-  def body(i, carry):
-    lo_a, hi_a, lo_b, hi_b = _intervals(bounds_ref, b, i, n_q_tiles)
+  def body(t, blocks, carry):
+    lo_a, hi_a, lo_b, hi_b = _intervals(bounds_ref, b, first + t, n_q_tiles)
     touches = ((lo_a <= j) & (j < hi_a)) | ((lo_b <= j) & (j < hi_b))
-    return lax.cond(touches, functools.partial(visit, i), lambda c: c, carry)
+    return lax.cond(touches, functools.partial(visit, blocks), lambda c: c, carry)
 
   zeros = jnp.zeros(kb.shape, jnp.float32)
-  dk, dv = lax.fori_loop(first, stop, body, (zeros, zeros))
+  dk, dv = _block_loop(stop - first, lambda t: first + t, sources, _split_scratch(scratch),
+                       body, (zeros, zeros))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -200,14 +269,16 @@ def _dkv_kernel(bounds_ref, qtiles_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, de
 # --------------------------------------------------------------------------- calls
 
 
-def _call(kernel, tiles: Tiles, *, grid, n_scalars, in_specs, out_specs, out_shape, name):
+def _call(kernel, tiles: Tiles, *, grid, n_scalars, in_specs, out_specs, out_shape, name,
+          scratch_shapes=()):
   """pallas_call with the first `n_scalars` inputs as scalar tables: scalar prefetch on
-  TPU, plain GMEM inputs on GPU."""
+  TPU, plain GMEM inputs on GPU. `scratch_shapes`: TPU only."""
   params = backends.compiler_params(tiles.backend, len(grid), num_warps=tiles.num_warps,
-                                    num_stages=tiles.num_stages, vmem_limit_bytes=_VMEM_LIMIT)
+                                    num_stages=tiles.num_stages)
   if tiles.backend == "tpu":
     spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=n_scalars, grid=grid,
-                                        in_specs=in_specs, out_specs=out_specs)
+                                        in_specs=in_specs, out_specs=out_specs,
+                                        scratch_shapes=scratch_shapes)
     return pl.pallas_call(kernel, grid_spec=spec, out_shape=out_shape,
                           compiler_params=params, interpret=tiles.interpret, name=name)
   return pl.pallas_call(kernel, grid=grid, in_specs=[pl.no_block_spec] * n_scalars + in_specs,
@@ -226,16 +297,24 @@ def _row_block(rows, d):
   return pl.BlockSpec((None, None, rows, d), lambda b, h, i, *_: (b, h, i, 0))
 
 
-def _whole(length, d, heads_per_group=1):
-  """The whole `[length, d]` row of the (batch, head // heads_per_group) of `[B, G, L, d]`."""
+def _streamed(tiles: Tiles, length: int, d: int, heads_per_group=None):
+  """An operand `_block_loop` streams by block: on TPU the whole array, left in HBM; on
+  GPU the whole `[length, d]` row of the (batch, head // heads_per_group) of
+  `[B, G, length, d]`, or with heads_per_group None of the batch of `[B, length, d]`."""
+  if tiles.backend == "tpu":
+    return pl.BlockSpec(memory_space=pl.ANY)
+  if heads_per_group is None:
+    return pl.BlockSpec((None, length, d), lambda b, h, i, *_: (b, 0, 0))
   return pl.BlockSpec((None, None, length, d),
                       lambda b, h, i, *_: (b, kv_group(h, heads_per_group), 0, 0))
 
 
-def _range_specs(rows, whole_length=None):
-  if whole_length is not None:
-    return [pl.BlockSpec((None, whole_length, 1), lambda b, h, i, *_: (b, 0, 0))] * 4
+def _range_specs(rows):
   return [pl.BlockSpec((None, rows, 1), lambda b, h, i, *_: (b, i, 0))] * 4
+
+
+def _key_scratch(tiles: Tiles, k):
+  return _stream_scratch([((tiles.bk, k.shape[3]), k.dtype)] * 2)
 
 
 def forward(bounds, q, k, v, ranges, tiles: Tiles, scale: float):
@@ -245,14 +324,16 @@ def forward(bounds, q, k, v, ranges, tiles: Tiles, scale: float):
   b, heads, qp, d = q.shape
   groups, kp = k.shape[1], k.shape[2]
   rep, nq = heads // groups, qp // tiles.bq
-  kernel = functools.partial(_fwd_kernel, bk=tiles.bk, scale=scale, n_q_tiles=nq)
+  kernel = functools.partial(_fwd_kernel, bk=tiles.bk, scale=scale, n_q_tiles=nq,
+                             backend=tiles.backend, rep=rep)
   return _call(
       kernel, tiles, grid=(b, heads, nq), n_scalars=1,
-      in_specs=[_row_block(tiles.bq, d), _whole(kp, d, rep), _whole(kp, d, rep),
-                *_range_specs(tiles.bq)],
+      in_specs=[_row_block(tiles.bq, d), _streamed(tiles, kp, d, rep),
+                _streamed(tiles, kp, d, rep), *_range_specs(tiles.bq)],
       out_specs=[_row_block(tiles.bq, d), _row_block(tiles.bq, 1)],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, heads, qp, 1), jnp.float32)],
+      scratch_shapes=_key_scratch(tiles, k),
       name="range_attention_fwd")(bounds, q, k, v, *ranges)
 
 
@@ -261,13 +342,15 @@ def dq(bounds, q, k, v, do, lse, delta, ranges, tiles: Tiles, scale: float):
   b, heads, qp, d = q.shape
   groups, kp = k.shape[1], k.shape[2]
   rep, nq = heads // groups, qp // tiles.bq
-  kernel = functools.partial(_dq_kernel, bk=tiles.bk, scale=scale, n_q_tiles=nq)
+  kernel = functools.partial(_dq_kernel, bk=tiles.bk, scale=scale, n_q_tiles=nq,
+                             backend=tiles.backend, rep=rep)
   row = _row_block(tiles.bq, d)
   return _call(
       kernel, tiles, grid=(b, heads, nq), n_scalars=1,
-      in_specs=[row, _whole(kp, d, rep), _whole(kp, d, rep), row,
+      in_specs=[row, _streamed(tiles, kp, d, rep), _streamed(tiles, kp, d, rep), row,
                 _row_block(tiles.bq, 1), _row_block(tiles.bq, 1), *_range_specs(tiles.bq)],
       out_specs=row, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      scratch_shapes=_key_scratch(tiles, k),
       name="range_attention_dq")(bounds, q, k, v, do, lse, delta, *ranges)
 
 
@@ -281,10 +364,15 @@ def dkv(bounds, qtiles, q, k, v, do, lse, delta, ranges, tiles: Tiles, scale: fl
   key_block = pl.BlockSpec((None, None, tiles.bk, d),
                            lambda b, h, j, *_: (b, kv_group(h, rep), j, 0))
   out_block = pl.BlockSpec((None, None, tiles.bk, d), lambda b, h, j, *_: (b, h, j, 0))
+  query_row, column = _streamed(tiles, qp, d, 1), _streamed(tiles, qp, 1, 1)
+  row_tile = lambda width, dtype: ((tiles.bq, width), dtype)
   return _call(
       kernel, tiles, grid=(b, heads, nk), n_scalars=2,
-      in_specs=[_whole(qp, d), key_block, key_block, _whole(qp, d), _whole(qp, 1),
-                _whole(qp, 1), *_range_specs(None, qp)],
+      in_specs=[query_row, key_block, key_block, query_row, column, column,
+                *[_streamed(tiles, qp, 1)] * 4],
       out_specs=[out_block, out_block],
       out_shape=[jax.ShapeDtypeStruct((b, heads, kp, d), jnp.float32)] * 2,
+      scratch_shapes=_stream_scratch(
+          [row_tile(d, q.dtype)] * 2 + [row_tile(1, jnp.float32)] * 2
+          + [row_tile(1, jnp.int32)] * 4),
       name="range_attention_dkv")(bounds, qtiles, q, k, v, do, lse, delta, *ranges)

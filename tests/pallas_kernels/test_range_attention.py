@@ -10,9 +10,11 @@ import pathlib
 import re
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from bltjax import diffusion
@@ -174,6 +176,44 @@ def test_tpu_kernels_race_detection(capfd):
                   argnums=(0, 1, 2))(q, k, v)
   assert all(rel_err(g, w) < 1e-4 for g, w in zip(grads, want))
   assert "RACE DETECTED" not in capfd.readouterr().out
+
+
+def _pallas_calls(jaxpr):
+  """Every pallas_call equation of a closed jaxpr, nested jaxprs included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _pallas_calls(sub)
+
+
+def _tpu_vmem_bytes(length):
+  """Per range-attention kernel (fwd, dq, dkv): bytes of its VMEM blocks (BlockSpec blocks
+  outside HBM, scratch buffers) at a bf16 row of `length` positions, default tiles."""
+  q = jax.ShapeDtypeStruct((1, length, 4, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, length, 2, 64), jnp.bfloat16)
+  ranges = [jax.ShapeDtypeStruct((1, length), jnp.int32)] * 4
+  loss = lambda q, k, v, *r: jnp.sum(range_attention(q, k, v, r, backend="tpu"))
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, kv, kv, *ranges)
+  nbytes = lambda aval: int(np.prod(aval.shape)) * jnp.dtype(aval.dtype).itemsize
+  sizes = {}
+  for eqn in _pallas_calls(jaxpr.jaxpr):
+    mapping = eqn.params["grid_mapping"]
+    blocks = [m.transformed_block_aval for m in mapping.block_mappings]
+    in_vmem = [b.inner_aval for b in blocks if b.memory_space != pl.ANY]
+    scratch = [a for a in mapping.scratch_avals if a.memory_space == pltpu.VMEM]
+    sizes[eqn.params["name"]] = sum(map(nbytes, in_vmem)) + sum(nbytes(a.inner_aval) for a in scratch)
+  return sizes
+
+
+def test_tpu_kernels_hold_tiles_not_rows_in_vmem():
+  """The streamed operand (keys/values in fwd and dq, query tiles in dkv) stays in HBM and
+  only its visited blocks are copied in: VMEM per kernel is the same for a 1k and a 64k
+  row (whole rows in VMEM capped a v5e at 8k bf16 positions, bench/RESULTS.md)."""
+  short, long = _tpu_vmem_bytes(1024), _tpu_vmem_bytes(65536)
+  assert set(short) == {"range_attention_fwd", "range_attention_dq", "range_attention_dkv"}
+  assert short == long
+  assert max(short.values()) < 512 * 1024, short
 
 
 def _lower(backend, dtype, b, length, heads, groups, d, **tile_kw):
