@@ -13,8 +13,8 @@ int32 arrays (no lane slicing in the kernel).
              gives the tile; writes out and the row log-sum-exp.
 * `dq`       (batch, heads, Qp/bq): dq = sum_k (p * (do v^T - delta)) k, same blocks.
 * `dkv`      (batch, heads, Kp/bk): dk, dv of one key block, looping over the query tiles
-             `tiles.key_block_tiles` gives it and skipping those that do not visit it;
-             per query head (f32), summed over a kv head's group by the caller.
+             `tiles.key_block_tiles` gives it (two spans), skipping those that do not
+             visit it; per query head (f32), summed over a kv head's group by the caller.
 
 Block intervals are read as scalars: scalar prefetch (SMEM) on TPU, a GMEM input on GPU
 (Triton has no scalar prefetch). Rows that see no key get out = 0 and lse = 0.
@@ -121,15 +121,16 @@ def _row(ref, backend: str, *index):
 
 
 def _block_loop(n, block_of, sources, scratch, body, carry):
-  """carry = body(t, blocks, carry) for t in [0, n), where blocks[c] is block `block_of(t)`
-  of stream c and `sources[c](idx)` is that block's ref view.
+  """carry = body(t, views, carry) for t in [0, n), where views[c] is a ref view of block
+  `block_of(t)` of stream c (`sources[c](idx)` is that block in the source); body loads
+  what it reads, so a block it skips (under a `lax.cond`) is never loaded into registers.
 
-  `scratch` None (GPU): blocks are read in place (Triton loads from global memory).
+  `scratch` None (GPU): the views are the sources (Triton loads from global memory).
   `scratch` = (buffers, semaphores) (TPU; the sources live in HBM): each visited block is
   DMA'd into a VMEM slot, two per stream, step t + 1's copies running under step t's
   compute. VMEM holds two blocks per stream, however long the row."""
   if scratch is None:
-    step = lambda t, c: body(t, [src(block_of(t))[...] for src in sources], c)
+    step = lambda t, c: body(t, [src(block_of(t)) for src in sources], c)
     return lax.fori_loop(0, n, step, carry)
   buffers, sems = scratch
 
@@ -153,7 +154,7 @@ def _block_loop(n, block_of, sources, scratch, body, carry):
 
     for copy in copies(t, slot):
       copy.wait()
-    return body(t, [buf[slot] for buf in buffers], carry)
+    return body(t, [buf.at[slot] for buf in buffers], carry)
 
   return lax.fori_loop(0, n, step, carry)
 
@@ -169,9 +170,8 @@ def _split_scratch(scratch):
   return (scratch[:-1], scratch[-1]) if scratch else None
 
 
-def _key_blocks(bounds_ref, b, i, n_q_tiles):
-  """(count, block_of): the key blocks query tile i visits, its two intervals in order."""
-  lo_a, hi_a, lo_b, hi_b = _intervals(bounds_ref, b, i, n_q_tiles)
+def _two_intervals(lo_a, hi_a, lo_b, hi_b):
+  """(count, index_of): the indices of `[lo_a, hi_a)` then `[lo_b, hi_b)`, as t = 0, 1..."""
   n_a = hi_a - lo_a
   return n_a + (hi_b - lo_b), lambda t: jnp.where(t < n_a, lo_a + t, lo_b + (t - n_a))
 
@@ -188,12 +188,13 @@ def _key_sources(k_ref, v_ref, bk, backend, rep):
 
 def _fwd_kernel(bounds_ref, q_ref, k_ref, v_ref, a0_ref, a1_ref, b0_ref, b1_ref,
                 o_ref, lse_ref, *scratch, bk, scale, n_q_tiles, backend, rep):
-  n, block_of = _key_blocks(bounds_ref, pl.program_id(0), pl.program_id(2), n_q_tiles)
+  n, block_of = _two_intervals(
+      *_intervals(bounds_ref, pl.program_id(0), pl.program_id(2), n_q_tiles))
   q = q_ref[...]
   ranges = (a0_ref[...], a1_ref[...], b0_ref[...], b1_ref[...])
 
-  def body(t, blocks, carry):
-    kb, vb = blocks
+  def body(t, views, carry):
+    kb, vb = (view[...] for view in views)
     return online_softmax_step(
         carry, _scores(q, kb, scale), _visible(*ranges, block_of(t) * bk, bk),
         lambda p: jnp.dot(p.astype(vb.dtype), vb, preferred_element_type=jnp.float32))
@@ -211,12 +212,13 @@ def _fwd_kernel(bounds_ref, q_ref, k_ref, v_ref, a0_ref, a1_ref, b0_ref, b1_ref,
 def _dq_kernel(bounds_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                a0_ref, a1_ref, b0_ref, b1_ref, dq_ref, *scratch, bk, scale, n_q_tiles,
                backend, rep):
-  n, block_of = _key_blocks(bounds_ref, pl.program_id(0), pl.program_id(2), n_q_tiles)
+  n, block_of = _two_intervals(
+      *_intervals(bounds_ref, pl.program_id(0), pl.program_id(2), n_q_tiles))
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
   ranges = (a0_ref[...], a1_ref[...], b0_ref[...], b1_ref[...])
 
-  def body(t, blocks, dq):
-    kb, vb = blocks
+  def body(t, views, dq):
+    kb, vb = (view[...] for view in views)
     vis = _visible(*ranges, block_of(t) * bk, bk)
     p = jnp.where(vis, jnp.exp(_scores(q, kb, scale) - lse), 0.0)
     dp = lax.dot_general(do, vb, _NT, preferred_element_type=jnp.float32)
@@ -237,16 +239,16 @@ def _dkv_kernel(bounds_ref, qtiles_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, de
   b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   k0 = j * bk
   kb, vb = k_ref[...], v_ref[...]
-  qt = (b * n_k_blocks + j) * 2
-  first, stop = qtiles_ref[qt], qtiles_ref[qt + 1]
+  qt = (b * n_k_blocks + j) * 4
+  n, tile_of = _two_intervals(*[qtiles_ref[qt + c] for c in range(4)])
   per_head = [_row(ref, backend, b, h) for ref in (q_ref, do_ref, lse_ref, delta_ref)]
   per_batch = [_row(ref, backend, b) for ref in (a0_ref, a1_ref, b0_ref, b1_ref)]
   sources = [lambda i, r=r: r.at[pl.ds(pl.multiple_of(i * bq, bq), bq), :]
              for r in per_head + per_batch]
 
-  def visit(blocks, carry):
+  def visit(views, carry):
     dk, dv = carry
-    q, do, lse, delta, *ranges = blocks
+    q, do, lse, delta, *ranges = (view[...] for view in views)
     p = jnp.where(_visible(*ranges, k0, bk), jnp.exp(_scores(q, kb, scale) - lse), 0.0)
     dv = dv + _lhs_t_dot(p, do, backend)
     dp = lax.dot_general(do, vb, _NT, preferred_element_type=jnp.float32)
@@ -254,14 +256,13 @@ def _dkv_kernel(bounds_ref, qtiles_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, de
     dk = dk + _lhs_t_dot(ds, q, backend)
     return dk, dv
 
-  def body(t, blocks, carry):
-    lo_a, hi_a, lo_b, hi_b = _intervals(bounds_ref, b, first + t, n_q_tiles)
+  def body(t, views, carry):
+    lo_a, hi_a, lo_b, hi_b = _intervals(bounds_ref, b, tile_of(t), n_q_tiles)
     touches = ((lo_a <= j) & (j < hi_a)) | ((lo_b <= j) & (j < hi_b))
-    return lax.cond(touches, functools.partial(visit, blocks), lambda c: c, carry)
+    return lax.cond(touches, functools.partial(visit, views), lambda c: c, carry)
 
   zeros = jnp.zeros(kb.shape, jnp.float32)
-  dk, dv = _block_loop(stop - first, lambda t: first + t, sources, _split_scratch(scratch),
-                       body, (zeros, zeros))
+  dk, dv = _block_loop(n, tile_of, sources, _split_scratch(scratch), body, (zeros, zeros))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 

@@ -10,6 +10,7 @@ sides) are merged into the first, so no block is visited twice.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 _BIG = jnp.iinfo(jnp.int32).max
 
@@ -51,14 +52,26 @@ def tile_touches(bounds, n_key_blocks: int):
 
 
 def key_block_tiles(bounds, n_key_blocks: int):
-  """`[batch, n_key_blocks, 2]` int32: the query tiles `[first, last + 1)` that visit each
-  key block (a superset: tiles in between that do not are skipped in the kernel)."""
+  """`[batch, n_key_blocks, 4]` int32: two spans of query tiles `[f1, s1)`, `[f2, s2)` that
+  hold every tile visiting each key block: its first to last visiting tile, split at the
+  longest run of tiles that do not (BLT-D: a clean block's window tiles, then the noisy
+  tiles far after them). Tiles inside a span that do not visit are skipped in the kernel."""
   touches = tile_touches(bounds, n_key_blocks)           # [B, nq, nk]
   i = jnp.arange(bounds.shape[1], dtype=jnp.int32)[None, :, None]
   any_tile = jnp.any(touches, axis=1)
   first = jnp.where(any_tile, jnp.min(jnp.where(touches, i, _BIG), axis=1), 0)
   stop = jnp.where(any_tile, jnp.max(jnp.where(touches, i + 1, 0), axis=1), 0)
-  return jnp.stack([first, stop], axis=-1).astype(jnp.int32)
+  # The visiting tile before each tile, and the run of non-visiting tiles in between.
+  last_seen = lax.cummax(jnp.where(touches, i, -1), axis=1)
+  previous = jnp.pad(last_seen[:, :-1], [(0, 0), (1, 0), (0, 0)], constant_values=-1)
+  gap = jnp.where(touches & (previous >= 0), i - previous - 1, 0)
+  split = jnp.argmax(gap, axis=1)                        # [B, nk]: the first longest gap
+  split_gap = jnp.take_along_axis(gap, split[:, None], axis=1)[:, 0]
+  end_first = jnp.take_along_axis(previous, split[:, None], axis=1)[:, 0] + 1
+  two = split_gap > 0
+  spans = [first, jnp.where(two, end_first, stop), jnp.where(two, split, 0),
+           jnp.where(two, stop, 0)]
+  return jnp.stack(spans, axis=-1).astype(jnp.int32)
 
 
 def occupancy(bounds, n_key_blocks: int) -> jnp.ndarray:

@@ -91,10 +91,40 @@ def test_tile_bounds_cover_each_tile_and_merge_overlaps():
   np.testing.assert_array_equal(bounds[0, 0], [0, 3, 0, 0])
   # tile 1: a empty in both rows; b keys 40..46 -> blocks [10, 12).
   np.testing.assert_array_equal(bounds[0, 1], [10, 12, 0, 0])
-  touch = np.asarray(tiles.key_block_tiles(jnp.asarray(bounds), 12))
-  np.testing.assert_array_equal(touch[0, 0], [0, 1])
-  np.testing.assert_array_equal(touch[0, 11], [1, 2])
-  np.testing.assert_array_equal(touch[0, 5], [0, 0])
+  spans = np.asarray(tiles.key_block_tiles(jnp.asarray(bounds), 12))
+  np.testing.assert_array_equal(spans[0, 0], [0, 1, 0, 0])
+  np.testing.assert_array_equal(spans[0, 11], [1, 2, 0, 0])
+  np.testing.assert_array_equal(spans[0, 5], [0, 0, 0, 0])
+
+
+def test_key_block_tiles_split_at_the_longest_gap():
+  """Key block 0 is seen by tiles 0, 1, 3 and 7: spans [0, 4) and [7, 8) (tile 2 is left
+  to the kernel's skip); key block 1 by tile 2 alone."""
+  visits = {0: [0, 1, 3, 7], 1: [2]}
+  bounds = np.zeros((1, 8, 4), np.int32)
+  for block, tile_ids in visits.items():
+    for tile in tile_ids:
+      bounds[0, tile, 2 * (block == 1):2 * (block == 1) + 2] = [block, block + 1]
+  spans = np.asarray(tiles.key_block_tiles(jnp.asarray(bounds), 2))
+  np.testing.assert_array_equal(spans[0], [[0, 4, 7, 8], [2, 3, 0, 0]])
+
+
+def test_key_block_spans_of_bltd_rows_hold_every_visit_and_skip_the_gap():
+  """A BLT-D row (4k clean bytes, 64 noisy blocks of 8): every (tile, block) visit lies in
+  its block's spans, and the spans hold a fraction of the first-to-last span's tiles."""
+  ranges = bltd_ranges(8, b=2, length=4096, block_size=8, num_blocks=64, window=512)
+  bounds = tiles.tile_bounds(tuple(ranges), bq=128, bk=128)
+  n_blocks = -(-ranges.a0.shape[1] // 128)
+  touches = np.asarray(tiles.tile_touches(bounds, n_blocks))[0]        # [nq, nk]
+  spans = np.asarray(tiles.key_block_tiles(bounds, n_blocks))[0]        # [nk, 4]
+  tile = np.arange(touches.shape[0])[:, None]
+  in_spans = (((tile >= spans[:, 0]) & (tile < spans[:, 1]))
+              | ((tile >= spans[:, 2]) & (tile < spans[:, 3])))
+  assert not np.any(touches & ~in_spans)
+  assert np.all((spans[:, 1] <= spans[:, 2]) | (spans[:, 3] == 0))   # disjoint, in order
+  first = np.where(touches.any(0), touches.argmax(0), 0)
+  last = np.where(touches.any(0), touches.shape[0] - touches[::-1].argmax(0), 0)
+  assert in_spans.sum() < 0.5 * np.sum(last - first)
 
 
 @pytest.mark.parametrize("variant", ["gpu", "tpu"])
