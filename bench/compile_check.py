@@ -121,7 +121,7 @@ def _fwd_bwd(fn):
 def range_attention_cases(spec, backend: str, lengths):
   """(name, fn, abstract args): range attention forward+backward on rows of each length
   (batch 4, 8 query heads over 2 kv heads, head_dim 64 and 128, bf16 and f32): how long a
-  row the kernels hold (the TPU kernels keep a whole row per (batch, head) in VMEM)."""
+  row the kernels hold on the target's on-chip memory."""
   from pallas_kernels import diffusion as dk  # pylint: disable=g-import-not-at-top
   attention = lambda q, k, v, *r: dk.range_attention(q, k, v, r, backend=backend)
   cases = []
