@@ -33,7 +33,8 @@ def fastest(fn, *args, repeats: int) -> float:
 
 def git_commit() -> str:
   """$GIT_COMMIT when set, else the checkout's short commit, `-dirty` when tracked files
-  differ from it (the numbers then come from code no commit holds).
+  other than bench/RESULTS.md differ from it (the numbers then come from code no commit
+  holds).
 
   The variable wins: the GPU machine's copy of the tree may carry a `.git` that is not at
   the commit of the files it runs.
@@ -45,7 +46,9 @@ def git_commit() -> str:
     head = git("rev-parse", "--short", "HEAD")
     if head.returncode:
       return "unknown"
-    dirty = git("diff", "--quiet", "HEAD", "--").returncode == 1
+    # bench/RESULTS.md is what the benchmarks append to: a run after another is not dirty.
+    dirty = git("diff", "--quiet", "HEAD", "--", ".",
+                ":(exclude)bench/RESULTS.md").returncode == 1
   except OSError:
     return "unknown"
   return head.stdout.strip() + ("-dirty" if dirty else "")
