@@ -3,7 +3,7 @@
 One kernel body per pass serves both backends; `gpu` lowers through Triton, `tpu` through
 Mosaic. Layout: heads-major `[batch, heads, len, head_dim]`. A tile's own rows are
 BlockSpec blocks; the operand a pass loops over (key/value blocks in `forward` and `dq`,
-query tiles in `dkv`) is streamed by `_block_loop`, one visited block at a time: on TPU
+query tiles in `dkv`) is streamed by `streaming.block_loop`, one visited block at a time: on TPU
 the operand stays in HBM and each block is DMA'd into a double-buffered VMEM slot, so
 VMEM holds a few blocks whatever the row length; on GPU the kernel reads the blocks of
 the row in place (Triton loads from global memory). Ranges come as four `[batch, Qp, 1]`
@@ -30,9 +30,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from . import backends
+from . import streaming
+from .streaming import kv_group
 
 _NEG = -1e30
 _NT = (((1,), (1,)), ((), ()))   # a @ b^T
@@ -111,63 +112,7 @@ def online_softmax_finish(carry):
   return jnp.where(seen, acc / l_safe, 0.0), jnp.where(seen, m + jnp.log(l_safe), 0.0)
 
 
-# --------------------------------------------------------------------------- block streams
-
-
-def _row(ref, backend: str, *index):
-  """The `[len, d]` row at `index` (batch[, head]) of a streamed operand: on TPU the kernel
-  gets the whole array in HBM, on GPU the row's block."""
-  return ref.at[index] if backend == "tpu" else ref
-
-
-def _block_loop(n, block_of, sources, scratch, body, carry):
-  """carry = body(t, views, carry) for t in [0, n), where views[c] is a ref view of block
-  `block_of(t)` of stream c (`sources[c](idx)` is that block in the source); body loads
-  what it reads, so a block it skips (under a `lax.cond`) is never loaded into registers.
-
-  `scratch` None (GPU): the views are the sources (Triton loads from global memory).
-  `scratch` = (buffers, semaphores) (TPU; the sources live in HBM): each visited block is
-  DMA'd into a VMEM slot, two per stream, step t + 1's copies running under step t's
-  compute. VMEM holds two blocks per stream, however long the row."""
-  if scratch is None:
-    step = lambda t, c: body(t, [src(block_of(t)) for src in sources], c)
-    return lax.fori_loop(0, n, step, carry)
-  buffers, sems = scratch
-
-  def copies(t, slot):
-    idx = block_of(t)
-    return [pltpu.make_async_copy(src(idx), buf.at[slot], sems.at[c, slot])
-            for c, (src, buf) in enumerate(zip(sources, buffers))]
-
-  @pl.when(n > 0)
-  def _():
-    for copy in copies(0, 0):
-      copy.start()
-
-  def step(t, carry):
-    slot = lax.rem(t, 2)
-
-    @pl.when(t + 1 < n)
-    def _():
-      for copy in copies(t + 1, 1 - slot):
-        copy.start()
-
-    for copy in copies(t, slot):
-      copy.wait()
-    return body(t, [buf.at[slot] for buf in buffers], carry)
-
-  return lax.fori_loop(0, n, step, carry)
-
-
-def _stream_scratch(shapes):
-  """TPU scratch of `_block_loop` for blocks of the given (shape, dtype): two VMEM slots
-  each and a DMA semaphore per slot."""
-  return ([pltpu.VMEM((2, *shape), dtype) for shape, dtype in shapes]
-          + [pltpu.SemaphoreType.DMA((len(shapes), 2))])
-
-
-def _split_scratch(scratch):
-  return (scratch[:-1], scratch[-1]) if scratch else None
+# --------------------------------------------------------------------------- visited blocks
 
 
 def _two_intervals(lo_a, hi_a, lo_b, hi_b):
@@ -179,7 +124,7 @@ def _two_intervals(lo_a, hi_a, lo_b, hi_b):
 def _key_sources(k_ref, v_ref, bk, backend, rep):
   """Ref views of key/value block j of the current (batch, kv head)."""
   b, g = pl.program_id(0), kv_group(pl.program_id(1), rep)
-  rows = [_row(ref, backend, b, g) for ref in (k_ref, v_ref)]
+  rows = [streaming.row(ref, backend, b, g) for ref in (k_ref, v_ref)]
   return [lambda j, r=r: r.at[pl.ds(pl.multiple_of(j * bk, bk), bk), :] for r in rows]
 
 
@@ -199,8 +144,8 @@ def _fwd_kernel(bounds_ref, q_ref, k_ref, v_ref, a0_ref, a1_ref, b0_ref, b1_ref,
         carry, _scores(q, kb, scale), _visible(*ranges, block_of(t) * bk, bk),
         lambda p: jnp.dot(p.astype(vb.dtype), vb, preferred_element_type=jnp.float32))
 
-  carry = _block_loop(n, block_of, _key_sources(k_ref, v_ref, bk, backend, rep),
-                      _split_scratch(scratch), body, online_softmax_init(*q.shape))
+  carry = streaming.block_loop(n, block_of, _key_sources(k_ref, v_ref, bk, backend, rep),
+                               scratch, body, online_softmax_init(*q.shape))
   out, lse = online_softmax_finish(carry)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse
@@ -225,8 +170,8 @@ def _dq_kernel(bounds_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
     ds = p * (dp - delta)
     return dq + jnp.dot(ds.astype(kb.dtype), kb, preferred_element_type=jnp.float32)
 
-  dq = _block_loop(n, block_of, _key_sources(k_ref, v_ref, bk, backend, rep),
-                   _split_scratch(scratch), body, jnp.zeros(q.shape, jnp.float32))
+  dq = streaming.block_loop(n, block_of, _key_sources(k_ref, v_ref, bk, backend, rep),
+                            scratch, body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -241,8 +186,8 @@ def _dkv_kernel(bounds_ref, qtiles_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, de
   kb, vb = k_ref[...], v_ref[...]
   qt = (b * n_k_blocks + j) * 4
   n, tile_of = _two_intervals(*[qtiles_ref[qt + c] for c in range(4)])
-  per_head = [_row(ref, backend, b, h) for ref in (q_ref, do_ref, lse_ref, delta_ref)]
-  per_batch = [_row(ref, backend, b) for ref in (a0_ref, a1_ref, b0_ref, b1_ref)]
+  per_head = [streaming.row(ref, backend, b, h) for ref in (q_ref, do_ref, lse_ref, delta_ref)]
+  per_batch = [streaming.row(ref, backend, b) for ref in (a0_ref, a1_ref, b0_ref, b1_ref)]
   sources = [lambda i, r=r: r.at[pl.ds(pl.multiple_of(i * bq, bq), bq), :]
              for r in per_head + per_batch]
 
@@ -262,7 +207,7 @@ def _dkv_kernel(bounds_ref, qtiles_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, de
     return lax.cond(touches, functools.partial(visit, views), lambda c: c, carry)
 
   zeros = jnp.zeros(kb.shape, jnp.float32)
-  dk, dv = _block_loop(n, tile_of, sources, _split_scratch(scratch), body, (zeros, zeros))
+  dk, dv = streaming.block_loop(n, tile_of, sources, scratch, body, (zeros, zeros))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -270,27 +215,12 @@ def _dkv_kernel(bounds_ref, qtiles_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, de
 # --------------------------------------------------------------------------- calls
 
 
-def _call(kernel, tiles: Tiles, *, grid, n_scalars, in_specs, out_specs, out_shape, name,
-          scratch_shapes=()):
-  """pallas_call with the first `n_scalars` inputs as scalar tables: scalar prefetch on
-  TPU, plain GMEM inputs on GPU. `scratch_shapes`: TPU only."""
-  params = backends.compiler_params(tiles.backend, len(grid), num_warps=tiles.num_warps,
+def _call(kernel, tiles: Tiles, **kw):
+  """`streaming.call_with_scalars` with the tiles' backend, launch parameters and mode."""
+  params = backends.compiler_params(tiles.backend, len(kw["grid"]), num_warps=tiles.num_warps,
                                     num_stages=tiles.num_stages)
-  if tiles.backend == "tpu":
-    spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=n_scalars, grid=grid,
-                                        in_specs=in_specs, out_specs=out_specs,
-                                        scratch_shapes=scratch_shapes)
-    return pl.pallas_call(kernel, grid_spec=spec, out_shape=out_shape,
-                          compiler_params=params, interpret=tiles.interpret, name=name)
-  return pl.pallas_call(kernel, grid=grid, in_specs=[pl.no_block_spec] * n_scalars + in_specs,
-                        out_specs=out_specs, out_shape=out_shape, compiler_params=params,
-                        interpret=tiles.interpret, name=name)
-
-
-def kv_group(head, heads_per_group: int):
-  """kv head of a query head (truncating division: floor division lowers to `sign`, which
-  Mosaic resolves against the local TPU generation and so cannot cross-lower)."""
-  return lax.div(head, heads_per_group) if heads_per_group > 1 else head
+  return streaming.call_with_scalars(kernel, tiles.backend, compiler_params=params,
+                                     interpret=tiles.interpret, **kw)
 
 
 def _row_block(rows, d):
@@ -299,15 +229,15 @@ def _row_block(rows, d):
 
 
 def _streamed(tiles: Tiles, length: int, d: int, heads_per_group=None):
-  """An operand `_block_loop` streams by block: on TPU the whole array, left in HBM; on
-  GPU the whole `[length, d]` row of the (batch, head // heads_per_group) of
-  `[B, G, length, d]`, or with heads_per_group None of the batch of `[B, length, d]`."""
-  if tiles.backend == "tpu":
-    return pl.BlockSpec(memory_space=pl.ANY)
+  """A streamed operand (`streaming.streamed_spec`); its GPU block is the whole
+  `[length, d]` row of the (batch, head // heads_per_group) of `[B, G, length, d]`, or
+  with heads_per_group None of the batch of `[B, length, d]`."""
   if heads_per_group is None:
-    return pl.BlockSpec((None, length, d), lambda b, h, i, *_: (b, 0, 0))
-  return pl.BlockSpec((None, None, length, d),
-                      lambda b, h, i, *_: (b, kv_group(h, heads_per_group), 0, 0))
+    return streaming.streamed_spec(tiles.backend, (None, length, d),
+                                   lambda b, h, i, *_: (b, 0, 0))
+  return streaming.streamed_spec(
+      tiles.backend, (None, None, length, d),
+      lambda b, h, i, *_: (b, kv_group(h, heads_per_group), 0, 0))
 
 
 def _range_specs(rows):
@@ -315,7 +245,7 @@ def _range_specs(rows):
 
 
 def _key_scratch(tiles: Tiles, k):
-  return _stream_scratch([((tiles.bk, k.shape[3]), k.dtype)] * 2)
+  return streaming.stream_scratch([((tiles.bk, k.shape[3]), k.dtype)] * 2)
 
 
 def forward(bounds, q, k, v, ranges, tiles: Tiles, scale: float):
@@ -373,7 +303,7 @@ def dkv(bounds, qtiles, q, k, v, do, lse, delta, ranges, tiles: Tiles, scale: fl
                 *[_streamed(tiles, qp, 1)] * 4],
       out_specs=[out_block, out_block],
       out_shape=[jax.ShapeDtypeStruct((b, heads, kp, d), jnp.float32)] * 2,
-      scratch_shapes=_stream_scratch(
+      scratch_shapes=streaming.stream_scratch(
           [row_tile(d, q.dtype)] * 2 + [row_tile(1, jnp.float32)] * 2
           + [row_tile(1, jnp.int32)] * 4),
       name="range_attention_dkv")(bounds, qtiles, q, k, v, do, lse, delta, *ranges)
