@@ -18,6 +18,8 @@ Needs the compiler plugin of the installed jaxlib (no GPU, TPU or driver):
   python bench/compile_check.py                  # H200 (--target h100 | v5e | v6e | ...)
   python bench/compile_check.py --only kernels   # the kernels alone (seconds)
   python bench/compile_check.py --only train     # the train steps (a minute)
+  python bench/compile_check.py --target v5e --only lengths \
+      --range_lengths 4096,65536 --cache_sizes 1024,65536   # long rows, large caches
 """
 
 from __future__ import annotations
@@ -136,6 +138,37 @@ def range_attention_cases(spec, backend: str, lengths):
   return cases
 
 
+def _cached_attention_case(spec, backend: str, *, t: int, block_step: bool, size: int,
+                           window: int, heads: int, head_dim: int, batch: int = 8):
+  """(name, fn, abstract args): one decoding step's cached attention (T new positions, a
+  BLT-D block when `block_step`) over a cache of `size` slots, 2 kv heads, bf16."""
+  from pallas_kernels import diffusion as dk  # pylint: disable=g-import-not-at-top
+  groups = 2
+  args = [spec((batch, t, heads, head_dim), jnp.bfloat16), spec((batch, t), jnp.int32),
+          spec((batch, t), bool), spec((batch, groups, size, head_dim), jnp.bfloat16),
+          spec((batch, groups, head_dim, size), jnp.bfloat16), spec((batch, size), jnp.int32),
+          spec((batch, t, groups, head_dim), jnp.bfloat16),
+          spec((batch, t, groups, head_dim), jnp.bfloat16), spec((batch, t), jnp.int32),
+          spec((batch,), jnp.int32)]
+
+  def attend(q, qp, qv, ck, cv, cp, nk, nv, npos, start):
+    return dk.cached_attention(q, qp, qv, ck, cv, cp, nk, nv, npos, window=window,
+                               block_start=start if block_step else None, backend=backend)
+  name = f"cached_attention T={t}{' block' if block_step else ''} cache {size}"
+  return name, attend, args
+
+
+def cache_size_cases(spec, backend: str, sizes):
+  """(name, fn, abstract args): an 8-byte step's cached attention over caches of each
+  size (a global model's cache holds a slot per byte of prompt and output), head_dim 64
+  and 128: how large a cache the kernel holds on the target's on-chip memory."""
+  return [(f"{name}, head_dim {head_dim}", fn, args)
+          for head_dim in (64, 128) for size in sizes
+          for name, fn, args in [_cached_attention_case(
+              spec, backend, t=8, block_step=False, size=size, window=0, heads=8,
+              head_dim=head_dim)]]
+
+
 def kernel_cases(spec, backend: str):
   """(name, fn, abstract args) for each kernel on `backend` ("gpu" | "tpu") at the GPU
   benchmarks' shapes."""
@@ -167,20 +200,10 @@ def kernel_cases(spec, backend: str):
         cases.append((f"unmask_step {rule} B={block_size} {jnp.dtype(dtype).name}"
                       f"{' sampled' if sampled else ''}", fn, args))
 
-  groups, size = 2, dk.kernel_cache_size(window + 16)
+  size = dk.kernel_cache_size(window + 16)
   for t, block_step in ((1, False), (8, False), (8, True)):
-    args = [spec((8, t, heads, head_dim), jnp.bfloat16), spec((8, t), jnp.int32),
-            spec((8, t), bool), spec((8, groups, size, head_dim), jnp.bfloat16),
-            spec((8, groups, head_dim, size), jnp.bfloat16), spec((8, size), jnp.int32),
-            spec((8, t, groups, head_dim), jnp.bfloat16),
-            spec((8, t, groups, head_dim), jnp.bfloat16), spec((8, t), jnp.int32),
-            spec((8,), jnp.int32)]
-
-    def attend(q, qp, qv, ck, cv, cp, nk, nv, npos, start, block_step=block_step):
-      return dk.cached_attention(q, qp, qv, ck, cv, cp, nk, nv, npos, window=window,
-                                 block_start=start if block_step else None, backend=backend)
-    cases.append((f"cached_attention T={t}{' block' if block_step else ''} cache {size}",
-                  attend, args))
+    cases.append(_cached_attention_case(spec, backend, t=t, block_step=block_step, size=size,
+                                        window=window, heads=heads, head_dim=head_dim))
 
   ffn = lambda x, wu, wd: sparse_ffn.sparse_relu_ffn(x, wu, wd, backend=backend)
   for name, (t, d, f) in sparse_bench.SHAPES.items():
@@ -302,9 +325,12 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--target", choices=TARGETS, default="h200")
   parser.add_argument("--only", choices=("kernels", "decode", "train", "lengths"),
-                      default=None, help="lengths: only the --range_lengths cases")
+                      default=None,
+                      help="lengths: only the --range_lengths and --cache_sizes cases")
   parser.add_argument("--range_lengths", type=common.batch_sizes, default=[],
                       help="also range attention fwd+bwd on rows of these lengths")
+  parser.add_argument("--cache_sizes", type=common.batch_sizes, default=[],
+                      help="also cached attention over decoding caches of these many slots")
   parser.add_argument("--experiment", default="experiments/blt_bench.py:bltd8,large",
                       help="the model whose decoding programs and train step compile "
                            "(gpu_suite's gen_train)")
@@ -324,6 +350,7 @@ def main(argv=None):
     cases += kernel_cases(spec, backend)
   if args.only in (None, "lengths"):
     cases += range_attention_cases(spec, backend, args.range_lengths)
+    cases += cache_size_cases(spec, backend, args.cache_sizes)
   if args.only in (None, "decode"):
     cases += decode_cases(spec, backend, args.experiment, args.batch_sizes, args.prompt_len,
                           args.max_bytes)

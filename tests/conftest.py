@@ -116,6 +116,33 @@ def lowered_text(jitted, *args, platform: str) -> str:
     return jitted.trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
+def tpu_vmem_bytes(fn, *args) -> dict:
+  """Per Pallas kernel `fn(*args)` calls (args may be abstract), by name: the bytes its
+  TPU lowering holds in VMEM, i.e. its BlockSpec blocks not left in HBM plus its VMEM
+  scratch (Pallas double-buffers the blocks on top; the comparison is what counts)."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  import jax.extend  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  def pallas_calls(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        yield eqn
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from pallas_calls(sub)
+
+  nbytes = lambda aval: int(np.prod(aval.shape)) * np.dtype(aval.dtype).itemsize
+  sizes = {}
+  for eqn in pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr):
+    mapping = eqn.params["grid_mapping"]
+    blocks = [m.transformed_block_aval for m in mapping.block_mappings]
+    in_vmem = [b.inner_aval for b in blocks if b.memory_space != pl.ANY]
+    scratch = [a.inner_aval for a in mapping.scratch_avals if a.memory_space == pltpu.VMEM]
+    sizes[eqn.params["name"]] = sum(map(nbytes, in_vmem + scratch))
+  return sizes
+
+
 def unigram_bpb(data_config, split="valid") -> float:
   """Entropy (bits) of the byte distribution of a split: what a model must beat."""
   import numpy as np  # pylint: disable=g-import-not-at-top

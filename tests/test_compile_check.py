@@ -77,3 +77,12 @@ def test_range_length_cases_cover_both_dtypes_and_head_dims():
   name, fn, args = cases[0]
   assert "[4, 256, 8 / 2 kv, 64] bfloat16" in name
   assert MARKERS["tpu"] in lowered_text(jax.jit(fn), *args, platform="tpu")
+
+
+def test_cache_size_cases_cover_both_head_dims():
+  cases = compile_check.cache_size_cases(jax.ShapeDtypeStruct, "tpu", [256, 1024])
+  assert [name for name, _, _ in cases] == [
+      f"cached_attention T=8 cache {size}, head_dim {d}" for d in (64, 128)
+      for size in (256, 1024)]
+  name, fn, args = cases[-1]
+  assert MARKERS["tpu"] in lowered_text(jax.jit(fn), *args, platform="tpu")

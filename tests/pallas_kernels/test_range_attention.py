@@ -10,15 +10,13 @@ import pathlib
 import re
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from bltjax import diffusion
-from conftest import lowered_text
+from conftest import lowered_text, tpu_vmem_bytes
 from pallas_kernels import diffusion as kernels_pkg
 from pallas_kernels.diffusion import range_attention, range_attention_reference, tiles
 
@@ -208,32 +206,13 @@ def test_tpu_kernels_race_detection(capfd):
   assert "RACE DETECTED" not in capfd.readouterr().out
 
 
-def _pallas_calls(jaxpr):
-  """Every pallas_call equation of a closed jaxpr, nested jaxprs included."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "pallas_call":
-      yield eqn
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _pallas_calls(sub)
-
-
 def _tpu_vmem_bytes(length):
-  """Per range-attention kernel (fwd, dq, dkv): bytes of its VMEM blocks (BlockSpec blocks
-  outside HBM, scratch buffers) at a bf16 row of `length` positions, default tiles."""
+  """VMEM bytes per range-attention kernel (fwd, dq, dkv) at a bf16 row of `length`."""
   q = jax.ShapeDtypeStruct((1, length, 4, 64), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, length, 2, 64), jnp.bfloat16)
   ranges = [jax.ShapeDtypeStruct((1, length), jnp.int32)] * 4
   loss = lambda q, k, v, *r: jnp.sum(range_attention(q, k, v, r, backend="tpu"))
-  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, kv, kv, *ranges)
-  nbytes = lambda aval: int(np.prod(aval.shape)) * jnp.dtype(aval.dtype).itemsize
-  sizes = {}
-  for eqn in _pallas_calls(jaxpr.jaxpr):
-    mapping = eqn.params["grid_mapping"]
-    blocks = [m.transformed_block_aval for m in mapping.block_mappings]
-    in_vmem = [b.inner_aval for b in blocks if b.memory_space != pl.ANY]
-    scratch = [a for a in mapping.scratch_avals if a.memory_space == pltpu.VMEM]
-    sizes[eqn.params["name"]] = sum(map(nbytes, in_vmem)) + sum(nbytes(a.inner_aval) for a in scratch)
-  return sizes
+  return tpu_vmem_bytes(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv, *ranges)
 
 
 def test_tpu_kernels_hold_tiles_not_rows_in_vmem():
