@@ -9,11 +9,12 @@ chain of such small launches, and this kernel is one per layer.
 
 Layout: the cache as generation keeps it (keys `[B, G, S, D]`, values `[B, G, D, S]`),
 read where it lies; grid (batch, heads); one program holds all T queries (padded to a
-tile), loops over the cache in blocks of `bk` slots (S % bk == 0: generation rounds
-cache sizes to a multiple of 128 when the kernel is on) with an online softmax, then
-over the new keys. The loop is unrolled over static slices (S / bk is small: the
-cache holds a window), so the values' lane-dim slices stay static for Mosaic. Forward
-only (decoding).
+tile) and loops, with an online softmax, over the cache blocks of `bk` slots (S % bk ==
+0: generation rounds cache sizes to a multiple of 128 when the kernel is on) from the
+row's first block holding a filled slot to its last (a global model's cache of
+max-length slots fills a patch at a time), then over the new keys. The cache blocks are
+streamed (`streaming.block_loop`): on TPU DMA'd from HBM block by block, so VMEM holds
+two blocks whatever the cache size. Forward only (decoding).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import backends
-from .kernels import kv_group, online_softmax_finish, online_softmax_init, online_softmax_step
+from . import streaming
+from .kernels import online_softmax_finish, online_softmax_init, online_softmax_step
+from .streaming import kv_group
 from .reference import cached_attention_reference, in_block, slot_visible
 
 CACHE_MULTIPLE = 128   # cache sizes the kernel takes: a multiple of this
@@ -40,27 +43,36 @@ def kernel_cache_size(size: int) -> int:
   return backends.round_up(size, CACHE_MULTIPLE)
 
 
-def _kernel(q_ref, qpos_ref, qvalid_ref, start_ref, ck_ref, cv_ref, cpos_ref, *rest,
-            bk, window, scale, has_new):
-  if has_new:
-    nk_ref, nv_ref, npos_ref, o_ref = rest
-  else:
-    (o_ref,) = rest
+def _kernel(bounds_ref, q_ref, qpos_ref, qvalid_ref, start_ref, ck_ref, cv_ref, cpos_ref,
+            *rest, bk, window, scale, has_new, backend, rep):
+  new_refs, (o_ref, *scratch) = (rest[:3], rest[3:]) if has_new else ((), rest)
+  b, h = pl.program_id(0), pl.program_id(1)
   q = q_ref[...]                                   # [Tp, D]
   qp = qpos_ref[...]                               # [Tp, 1]
   valid = qvalid_ref[...] != 0
   scores = lambda keys: lax.dot_general(q, keys.astype(q.dtype), _NT,
                                         preferred_element_type=jnp.float32) * scale
+  g = kv_group(h, rep)
+  keys, values_t, slots = (streaming.row(ck_ref, backend, b, g),
+                           streaming.row(cv_ref, backend, b, g),
+                           streaming.row(cpos_ref, backend, b))
+  block = lambda j: pl.ds(pl.multiple_of(j * bk, bk), bk)
+  sources = [lambda j: keys.at[block(j), :], lambda j: values_t.at[:, block(j)],
+             lambda j: slots.at[:, block(j)]]
 
-  carry = online_softmax_init(*q.shape)
-  for k0 in range(0, ck_ref.shape[0], bk):
-    kp = cpos_ref[:, k0:k0 + bk]                   # [1, bk]
-    values_t = cv_ref[:, k0:k0 + bk].astype(q.dtype)   # [D, bk]: p @ values_t^T
-    carry = online_softmax_step(
-        carry, scores(ck_ref[k0:k0 + bk, :]), slot_visible(kp, qp, window) & valid,
-        lambda p, vt=values_t: lax.dot_general(p.astype(q.dtype), vt, _NT,
-                                               preferred_element_type=jnp.float32))
+  def body(t, views, carry):
+    kb, vt, kp = (view[...] for view in views)     # [bk, D], [D, bk]: p @ vt^T, [1, bk]
+    vt = vt.astype(q.dtype)
+    return online_softmax_step(
+        carry, scores(kb), slot_visible(kp, qp, window) & valid,
+        lambda p: lax.dot_general(p.astype(q.dtype), vt, _NT,
+                                  preferred_element_type=jnp.float32))
+
+  first, stop = bounds_ref[2 * b], bounds_ref[2 * b + 1]
+  carry = streaming.block_loop(stop - first, lambda t: first + t, sources, scratch, body,
+                               online_softmax_init(*q.shape))
   if has_new:
+    nk_ref, nv_ref, npos_ref = new_refs
     kp = npos_ref[...]                             # [1, Tp]
     vis = slot_visible(kp, qp, window) | in_block(kp, qp, start_ref[...])   # start [1, 1]
     values = nv_ref[...].astype(q.dtype)
@@ -68,6 +80,18 @@ def _kernel(q_ref, qpos_ref, qvalid_ref, start_ref, ck_ref, cv_ref, cpos_ref, *r
         carry, scores(nk_ref[...]), vis & valid,
         lambda p: jnp.dot(p.astype(q.dtype), values, preferred_element_type=jnp.float32))
   o_ref[...] = online_softmax_finish(carry)[0].astype(o_ref.dtype)
+
+
+def filled_blocks(cache_positions, bk: int):
+  """cache_positions `[B, S]` (S % bk == 0) -> `[B, 2]` int32: the blocks of `bk` slots
+  `[first, stop)` from the first holding a filled slot (position >= 0) to the last."""
+  b, size = cache_positions.shape
+  held = jnp.any(cache_positions.reshape(b, size // bk, bk) >= 0, axis=-1)
+  index = jnp.arange(size // bk, dtype=jnp.int32)
+  any_held = jnp.any(held, axis=-1)
+  first = jnp.where(any_held, jnp.min(jnp.where(held, index, size), axis=-1), 0)
+  stop = jnp.where(any_held, jnp.max(jnp.where(held, index + 1, 0), axis=-1), 0)
+  return jnp.stack([first, stop], axis=-1).astype(jnp.int32)
 
 
 def cached_attention(q, q_positions, q_valid, cache_k, cache_v, cache_positions,
@@ -109,23 +133,28 @@ def cached_attention(q, q_positions, q_valid, cache_k, cache_v, cache_positions,
             cache_k, cache_v, cache_positions.astype(jnp.int32)[:, None, :]]
   rep = heads // groups
   group = lambda h: kv_group(h, rep)
-  per_row = lambda shape: pl.BlockSpec((None, *shape), lambda i, h: (i, 0, 0))
-  specs = [pl.BlockSpec((None, None, tp, d), lambda i, h: (i, h, 0, 0)),
+  per_row = lambda shape: pl.BlockSpec((None, *shape), lambda i, h, *_: (i, 0, 0))
+  streamed = lambda shape, index: streaming.streamed_spec(backend, shape, index)
+  specs = [pl.BlockSpec((None, None, tp, d), lambda i, h, *_: (i, h, 0, 0)),
            per_row((tp, 1)), per_row((tp, 1)), per_row((1, 1)),
-           pl.BlockSpec((None, None, size, d), lambda i, h: (i, group(h), 0, 0)),
-           pl.BlockSpec((None, None, d, size), lambda i, h: (i, group(h), 0, 0)),
-           per_row((1, size))]
+           streamed((None, None, size, d), lambda i, h, *_: (i, group(h), 0, 0)),
+           streamed((None, None, d, size), lambda i, h, *_: (i, group(h), 0, 0)),
+           streamed((None, 1, size), lambda i, h, *_: (i, 0, 0))]
   has_new = new_k is not None
   if has_new:
     inputs += [pad_t(new_k).transpose(0, 2, 1, 3), pad_t(new_v).transpose(0, 2, 1, 3),
                pad_t(new_positions.astype(jnp.int32), -1)[:, None, :]]
-    specs += [pl.BlockSpec((None, None, tp, d), lambda i, h: (i, group(h), 0, 0))] * 2
+    specs += [pl.BlockSpec((None, None, tp, d), lambda i, h, *_: (i, group(h), 0, 0))] * 2
     specs += [per_row((1, tp))]
-  params = backends.compiler_params(backend, 2, num_warps=num_warps)
-  kernel = functools.partial(_kernel, bk=bk, window=window, scale=d ** -0.5, has_new=has_new)
-  out = pl.pallas_call(
-      kernel, grid=(b, heads), in_specs=specs,
-      out_specs=pl.BlockSpec((None, None, tp, d), lambda i, h: (i, h, 0, 0)),
+  kernel = functools.partial(_kernel, bk=bk, window=window, scale=d ** -0.5, has_new=has_new,
+                             backend=backend, rep=rep)
+  out = streaming.call_with_scalars(
+      kernel, backend, n_scalars=1, grid=(b, heads), in_specs=specs,
+      out_specs=pl.BlockSpec((None, None, tp, d), lambda i, h, *_: (i, h, 0, 0)),
       out_shape=jax.ShapeDtypeStruct((b, heads, tp, d), q.dtype),
-      compiler_params=params, interpret=interpret, name="cached_attention")(*inputs)
+      scratch_shapes=streaming.stream_scratch(
+          [((bk, d), cache_k.dtype), ((d, bk), cache_v.dtype), ((1, bk), jnp.int32)]),
+      compiler_params=backends.compiler_params(backend, 2, num_warps=num_warps),
+      interpret=interpret, name="cached_attention",
+  )(filled_blocks(cache_positions, bk).reshape(-1), *inputs)
   return out.transpose(0, 2, 1, 3)[:, :t]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bltjax.generate import caches
-from conftest import lowered_text
+from conftest import lowered_text, tpu_vmem_bytes
 from pallas_kernels.diffusion import decode_attention as ca
 from pallas_kernels.diffusion.reference import cached_attention_reference
 
@@ -78,6 +78,38 @@ def test_kernel_equals_reference(backend, case, dtype):
   assert rel_err(got, want) < TOL[dtype]
   invalid = ~np.asarray(x["valid"])
   np.testing.assert_array_equal(np.asarray(got, np.float32)[invalid], 0.0)
+
+
+def test_kernel_never_reads_cache_blocks_without_a_filled_slot():
+  """A global model's cache fills from slot 0 (row 0: slots 0..99, row 1: 0..36): every
+  block past a row's last filled slot holds NaN, and the output stays exact, so the
+  kernel never reads those blocks."""
+  x = step(9, 3, lengths=(100, 37), history=200)
+  want = kernel_out(x, "reference", new=True, block=False, window=0)
+  for backend, bk in (("gpu", 64), ("tpu", 128)):
+    first_unfilled = np.array([[128], [64]]) if bk == 64 else np.array([[128], [128]])
+    poison = jnp.asarray(np.arange(S)[None] >= first_unfilled)            # [B, S]
+    nan = dict(x, cache_k=jnp.where(poison[:, None, :, None], jnp.nan, x["cache_k"]),
+               cache_v=jnp.where(poison[:, None, None, :], jnp.nan, x["cache_v"]))
+    got = kernel_out(nan, backend, new=True, block=False, window=0, bk=bk)
+    assert np.all(np.isfinite(np.asarray(got))), backend
+    assert rel_err(got, want) < TOL[jnp.float32], backend
+
+
+def test_tpu_kernel_holds_blocks_not_the_cache_in_vmem():
+  """The cache stays in HBM and its blocks are copied in one at a time: the kernel's VMEM
+  is the same for a 1k-slot and a 64k-slot cache (a global model's cache has a slot per
+  byte of prompt and output)."""
+  def vmem(size, t=8, d=128):
+    arrays = dict(q=((B, t, H, d), jnp.bfloat16), qp=((B, t), jnp.int32), qv=((B, t), bool),
+                  ck=((B, G, size, d), jnp.bfloat16), cv=((B, G, d, size), jnp.bfloat16),
+                  cp=((B, size), jnp.int32))
+    args = [jax.ShapeDtypeStruct(*a) for a in arrays.values()]
+    return tpu_vmem_bytes(lambda *a: ca.cached_attention(*a, backend="tpu"), *args)
+
+  small, large = vmem(1024), vmem(65536)
+  assert set(small) == {"cached_attention"} and small == large
+  assert small["cached_attention"] < 256 * 1024, small
 
 
 @pytest.mark.parametrize("case", CASES)
