@@ -17,8 +17,8 @@ unmask: one BLT-D decoder step's unmasking (`unmask_impl = "xla"`: softmax, argm
 cached_attention: one decoding step's attention over a KV cache per layer (XLA's
   `generate.caches` specs: two matmuls with the mask and softmax around them; `"pallas"`:
   one kernel), for an AR byte (T = 1, keys already stored) and a BLT-D block (T = 8 over
-  the cache and itself), a 512-byte window (cache of 640 slots), per step inside a
-  compiled loop.
+  the cache and itself) with a 512-byte window (cache of 640 slots), and a patch over a
+  global model's cache (8192 slots, 1000 filled), per step inside a compiled loop.
 Prints tables and appends them to bench/RESULTS.md. On CPU (interpret mode) the times
 say nothing about speed: `--small` checks that the benchmark and the kernels run.
 """
@@ -207,7 +207,7 @@ def bench_unmask(args, backend, interpret, argv):
 # --------------------------------------------------------------------------- decoding attention
 
 
-def cached_step_loop(steps, t, block, kernel):
+def cached_step_loop(steps, t, block, window, kernel):
   """`steps` decoding-step attentions in a compiled loop (queries nudged per step)."""
   def run(q, new_k, new_v, cache_k, cache_v, cache_positions, positions):
     valid = jnp.ones(positions.shape, bool)
@@ -215,50 +215,73 @@ def cached_step_loop(steps, t, block, kernel):
 
     def body(i, total):
       qi = q * (1.0 + 1e-3 * i.astype(q.dtype))
-      if t == 1:   # an AR byte: its keys are in the cache already
+      if t == 1:   # an AR byte or a patch: its keys are in the cache already
         view = caches.CacheView(cache_k, cache_v, cache_positions, positions, valid,
-                                window=512, kernel=kernel)
+                                window=window, kernel=kernel)
         out = view(qi, None, None)
       else:
         spec = caches.CachedSpec(cache_k, cache_v, cache_positions, positions, valid, start,
-                                 window=512, kernel=kernel)
+                                 window=window, kernel=kernel)
         out = spec(qi, new_k, new_v)
       return total + jnp.sum(out.astype(jnp.float32))
     return jax.lax.fori_loop(0, steps, body, jnp.float32(0))
   return jax.jit(run)
 
 
+def cache_positions_of(size, held, length, window):
+  """`[size]` slot positions of a cache after `length` positions (-1: empty): a windowed
+  cache is a ring (position p in slot p % size, the last `held` kept); an unwindowed one
+  (a global model's, a slot per possible patch) fills slots 0, 1, ... in order."""
+  slot = jnp.arange(size, dtype=jnp.int32)
+  if not window:
+    return jnp.where(slot < length, slot, -1)
+  last = length - 1 - (length - 1 - slot) % size
+  return jnp.where((last >= 0) & (last >= length - held), last, -1)
+
+
+def cached_attention_cases(small: bool):
+  """(name, T, BLT-D block, cache slots, positions held, window): an AR byte and a BLT-D
+  block over a local model's windowed ring cache, and a patch over a global model's
+  cache of a slot per byte of prompt and output, of which a patch per ~4.5 bytes is
+  filled (the kernel visits the filled blocks only; XLA reads every slot)."""
+  local, history, window = (256, 200, 32) if small else (640, 600, 512)
+  global_size, patches = (512, 100) if small else (8192, 1000)
+  return [("AR byte (T=1)", 1, False, local, history, window),
+          ("BLT-D block (T=8)", 8, True, local, history, window),
+          (f"global patch (T=1), {patches} of {global_size} slots", 1, False, global_size,
+           patches, 0)]
+
+
 def bench_cached_attention(args, backend, interpret, argv):
-  heads, head_dim, size, history = (2, 16, 256, 200) if args.small else (8, 64, 640, 600)
+  heads, head_dim = (2, 16) if args.small else (8, 64)
   steps = 4 if args.small else args.unmask_steps
   dtype = jnp.dtype(args.dtype)
   rows, ok = [], True
   for batch in (1, 8):
-    for t, block, name in ((1, False, "AR byte (T=1)"), (8, True, "BLT-D block (T=8)")):
+    for name, t, block, size, held, window in cached_attention_cases(args.small):
       keys = jax.random.split(jax.random.PRNGKey(batch * 10 + t), 5)
-      length = history
+      length = held
       positions = jnp.broadcast_to(length + jnp.arange(t, dtype=jnp.int32), (batch, t))
-      slot_pos = jnp.arange(size, dtype=jnp.int32)
-      # the last `size` positions before `length` (and, for T=1, the new one) in slot p % S
-      last = length + (1 if t == 1 else 0)
-      held = last - 1 - (last - 1 - slot_pos) % size
-      cache_positions = jnp.broadcast_to(jnp.where(held >= 0, held, -1), (batch, size))
+      # T = 1: the new position's key is in the cache already.
+      slots = cache_positions_of(size, held + (t == 1), length + (t == 1), window)
+      cache_positions = jnp.broadcast_to(slots, (batch, size))
       q = jax.random.normal(keys[0], (batch, t, heads, head_dim), dtype)
       new_k = jax.random.normal(keys[1], (batch, t, heads, head_dim), dtype)
       new_v = jax.random.normal(keys[2], (batch, t, heads, head_dim), dtype)
       cache_k = jax.random.normal(keys[3], (batch, heads, size, head_dim), dtype)
       cache_v = jax.random.normal(keys[4], (batch, heads, head_dim, size), dtype)
       inputs = (q, new_k, new_v, cache_k, cache_v, cache_positions, positions)
-      fns = {"xla": cached_step_loop(steps, t, block, None),
-             "kernel": cached_step_loop(steps, t, block, (backend, interpret))}
+      fns = {"xla": cached_step_loop(steps, t, block, window, None),
+             "kernel": cached_step_loop(steps, t, block, window, (backend, interpret))}
       want, got = float(fns["xla"](*inputs)), float(fns["kernel"](*inputs))
       same = abs(want - got) / max(abs(want), 1.0) < (5e-2 if dtype.itemsize == 2 else 1e-4)
       ok = ok and same
       rows.append(step_row([str(batch), name], fns, inputs, steps=steps,
                            repeats=args.repeats, same=same))
   columns = ["rows", "step", "XLA us/step", "kernel us/step", "kernel speedup", "same sums"]
-  note = (f"One layer: {heads} heads x {head_dim}, cache of {size} slots, window 512, "
-          f"{dtype.name}; {steps} steps per compiled loop.")
+  local, _, window = cached_attention_cases(args.small)[0][3:]
+  note = (f"One layer: {heads} heads x {head_dim}, {dtype.name}; local caches of {local} "
+          f"slots, window {window}; {steps} steps per compiled loop.")
   append_table(args, argv, "Decoding attention over a KV cache: XLA vs the cached-attention "
                "kernel", columns, rows, note, backend, interpret)
   return rows, ok

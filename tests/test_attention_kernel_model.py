@@ -148,7 +148,8 @@ def test_benchmark_runs_and_appends_its_tables(tmp_path):
   assert [r[:2] for r in rows["unmask"]] == [["1", "confidence"], ["1", "entropy_bounded"],
                                              ["8", "confidence"], ["8", "entropy_bounded"]]
   assert all(r[-1] == "yes" for r in rows["unmask"])
-  assert [r[0] for r in rows["cached_attention"]] == ["1", "1", "8", "8"]
+  assert [r[0] for r in rows["cached_attention"]] == ["1"] * 3 + ["8"] * 3
+  assert rows["cached_attention"][2][1] == "global patch (T=1), 100 of 512 slots"
   assert all(r[-1] == "yes" for r in rows["cached_attention"])
   text = results.read_text()
   assert "BLT-D range attention" in text and "kernel vs XLA" in text and ": ok." in text
