@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 
 from . import backends
 from . import streaming
+from . import tiles
 from .kernels import online_softmax_finish, online_softmax_init, online_softmax_step
 from .streaming import kv_group
 from .reference import cached_attention_reference, in_block, slot_visible
@@ -86,12 +87,8 @@ def filled_blocks(cache_positions, bk: int):
   """cache_positions `[B, S]` (S % bk == 0) -> `[B, 2]` int32: the blocks of `bk` slots
   `[first, stop)` from the first holding a filled slot (position >= 0) to the last."""
   b, size = cache_positions.shape
-  held = jnp.any(cache_positions.reshape(b, size // bk, bk) >= 0, axis=-1)
-  index = jnp.arange(size // bk, dtype=jnp.int32)
-  any_held = jnp.any(held, axis=-1)
-  first = jnp.where(any_held, jnp.min(jnp.where(held, index, size), axis=-1), 0)
-  stop = jnp.where(any_held, jnp.max(jnp.where(held, index + 1, 0), axis=-1), 0)
-  return jnp.stack([first, stop], axis=-1).astype(jnp.int32)
+  held = jnp.any(cache_positions.reshape(b, size // bk, bk) >= 0, axis=-1)   # [B, S / bk]
+  return jnp.stack(tiles.true_span(held, axis=-1), axis=-1)
 
 
 def cached_attention(q, q_positions, q_valid, cache_k, cache_v, cache_positions,

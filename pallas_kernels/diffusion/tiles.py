@@ -51,6 +51,17 @@ def tile_touches(bounds, n_key_blocks: int):
   return inside(0, 1) | inside(2, 3)
 
 
+def true_span(mask, axis: int):
+  """(first, stop) int32: the first index along `axis` where `mask` holds and one past
+  the last; (0, 0) where it never does."""
+  axis = axis % mask.ndim
+  index = lax.broadcasted_iota(jnp.int32, mask.shape, axis)
+  any_true = jnp.any(mask, axis=axis)
+  first = jnp.where(any_true, jnp.min(jnp.where(mask, index, _BIG), axis=axis), 0)
+  stop = jnp.where(any_true, jnp.max(jnp.where(mask, index + 1, 0), axis=axis), 0)
+  return first, stop
+
+
 def key_block_tiles(bounds, n_key_blocks: int):
   """`[batch, n_key_blocks, 4]` int32: two spans of query tiles `[f1, s1)`, `[f2, s2)` that
   hold every tile visiting each key block: its first to last visiting tile, split at the
@@ -58,9 +69,7 @@ def key_block_tiles(bounds, n_key_blocks: int):
   tiles far after them). Tiles inside a span that do not visit are skipped in the kernel."""
   touches = tile_touches(bounds, n_key_blocks)           # [B, nq, nk]
   i = jnp.arange(bounds.shape[1], dtype=jnp.int32)[None, :, None]
-  any_tile = jnp.any(touches, axis=1)
-  first = jnp.where(any_tile, jnp.min(jnp.where(touches, i, _BIG), axis=1), 0)
-  stop = jnp.where(any_tile, jnp.max(jnp.where(touches, i + 1, 0), axis=1), 0)
+  first, stop = true_span(touches, axis=1)
   # The visiting tile before each tile, and the run of non-visiting tiles in between.
   last_seen = lax.cummax(jnp.where(touches, i, -1), axis=1)
   previous = jnp.pad(last_seen[:, :-1], [(0, 0), (1, 0), (0, 0)], constant_values=-1)
