@@ -116,31 +116,51 @@ def lowered_text(jitted, *args, platform: str) -> str:
     return jitted.trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
+def _pallas_calls(fn, *args):
+  """The pallas_call equations of `fn(*args)` (args may be abstract), nested ones too."""
+  import jax.extend  # pylint: disable=g-import-not-at-top
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        yield eqn
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from walk(sub)
+
+  return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
 def tpu_vmem_bytes(fn, *args) -> dict:
   """Per Pallas kernel `fn(*args)` calls (args may be abstract), by name: the bytes its
   TPU lowering holds in VMEM, i.e. its BlockSpec blocks not left in HBM plus its VMEM
   scratch (Pallas double-buffers the blocks on top; the comparison is what counts)."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
-  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-  import jax.extend  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-
-  def pallas_calls(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call":
-        yield eqn
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        yield from pallas_calls(sub)
 
   nbytes = lambda aval: int(np.prod(aval.shape)) * np.dtype(aval.dtype).itemsize
   sizes = {}
-  for eqn in pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr):
+  for eqn in _pallas_calls(fn, *args):
     mapping = eqn.params["grid_mapping"]
     blocks = [m.transformed_block_aval for m in mapping.block_mappings]
     in_vmem = [b.inner_aval for b in blocks if b.memory_space != pl.ANY]
-    scratch = [a.inner_aval for a in mapping.scratch_avals if a.memory_space == pltpu.VMEM]
-    sizes[eqn.params["name"]] = sum(map(nbytes, in_vmem + scratch))
+    sizes[eqn.params["name"]] = sum(map(nbytes, in_vmem + tpu_vmem_scratch(mapping)))
   return sizes
+
+
+def tpu_vmem_scratch(grid_mapping) -> list:
+  """The VMEM scratch avals of a TPU pallas_call's grid mapping."""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  return [a.inner_aval for a in grid_mapping.scratch_avals if a.memory_space == pltpu.VMEM]
+
+
+def tpu_streamed_blocks(fn, *args) -> dict:
+  """Per TPU Pallas kernel of `fn(*args)`, by name: the (shape, dtype) of each block it
+  streams through `streaming.block_loop`, i.e. what it DMAs from HBM per visited block
+  (a stream's scratch is two VMEM slots of its block)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return {eqn.params["name"]: [(tuple(a.shape[1:]), np.dtype(a.dtype))
+                               for a in tpu_vmem_scratch(eqn.params["grid_mapping"])]
+          for eqn in _pallas_calls(fn, *args)}
 
 
 def unigram_bpb(data_config, split="valid") -> float:

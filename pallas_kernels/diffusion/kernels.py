@@ -15,6 +15,9 @@ int32 arrays (no lane slicing in the kernel).
 * `dkv`      (batch, heads, Kp/bk): dk, dv of one key block, looping over the query tiles
              `tiles.key_block_tiles` gives it (two spans), skipping those that do not
              visit it; per query head (f32), summed over a kv head's group by the caller.
+             Scores are transposed (`[bk, bq]`), so a query tile's per-row inputs (lse,
+             delta, ranges) come as lane-major rows, packed in one `[8, bq]` block
+             (`row_stats`): a visited tile streams q, do and that block.
 
 Block intervals are read as scalars: scalar prefetch (SMEM) on TPU, a GMEM input on GPU
 (Triton has no scalar prefetch). Rows that see no key get out = 0 and lse = 0.
@@ -37,7 +40,6 @@ from .streaming import kv_group
 
 _NEG = -1e30
 _NT = (((1,), (1,)), ((), ()))   # a @ b^T
-_TN = (((0,), (0,)), ((), ()))   # a^T @ b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,22 +63,20 @@ class Tiles:
                          f"got bq={self.bq}, bk={self.bk}")
 
 
-def _visible(a0, a1, b0, b1, k0, bk):
-  """[bq, 1] ranges, first key k0 -> [bq, bk] bool."""
-  key = k0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+def _keys(k0, bk, axis: int):
+  """Key indices k0 .. k0 + bk - 1 as a `[1, bk]` row (axis 1) or `[bk, 1]` column (0)."""
+  return k0 + lax.broadcasted_iota(jnp.int32, (bk, 1) if axis == 0 else (1, bk), axis)
+
+
+def _visible(a0, a1, b0, b1, key):
+  """Ranges and keys that broadcast (`[bq, 1]` ranges and a `[1, bk]` key row, or `[1, bq]`
+  range rows and a `[bk, 1]` key column) -> bool: the key lies in a range."""
   return ((key >= a0) & (key < a1)) | ((key >= b0) & (key < b1))
 
 
-def _lhs_t_dot(a, b, backend):
-  """a^T @ b, f32 accumulate. Mosaic gets an explicit f32 transpose (the megablox pattern)."""
-  if backend == "tpu":
-    a = a.astype(jnp.float32).swapaxes(0, 1).astype(b.dtype)
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
-  return lax.dot_general(a.astype(b.dtype), b, _TN, preferred_element_type=jnp.float32)
-
-
-def _scores(q, kb, scale):
-  return lax.dot_general(q, kb, _NT, preferred_element_type=jnp.float32) * scale
+def _scores(a, b, scale):
+  """a @ b^T * scale, f32 (q against keys, or keys against q for transposed scores)."""
+  return lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32) * scale
 
 
 def _intervals(bounds_ref, b, i, n_q_tiles):
@@ -141,7 +141,7 @@ def _fwd_kernel(bounds_ref, q_ref, k_ref, v_ref, a0_ref, a1_ref, b0_ref, b1_ref,
   def body(t, views, carry):
     kb, vb = (view[...] for view in views)
     return online_softmax_step(
-        carry, _scores(q, kb, scale), _visible(*ranges, block_of(t) * bk, bk),
+        carry, _scores(q, kb, scale), _visible(*ranges, _keys(block_of(t) * bk, bk, axis=1)),
         lambda p: jnp.dot(p.astype(vb.dtype), vb, preferred_element_type=jnp.float32))
 
   carry = streaming.block_loop(n, block_of, _key_sources(k_ref, v_ref, bk, backend, rep),
@@ -164,7 +164,7 @@ def _dq_kernel(bounds_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 
   def body(t, views, dq):
     kb, vb = (view[...] for view in views)
-    vis = _visible(*ranges, block_of(t) * bk, bk)
+    vis = _visible(*ranges, _keys(block_of(t) * bk, bk, axis=1))
     p = jnp.where(vis, jnp.exp(_scores(q, kb, scale) - lse), 0.0)
     dp = lax.dot_general(do, vb, _NT, preferred_element_type=jnp.float32)
     ds = p * (dp - delta)
@@ -178,27 +178,54 @@ def _dq_kernel(bounds_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 # --------------------------------------------------------------------------- dk, dv
 
 
-def _dkv_kernel(bounds_ref, qtiles_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                a0_ref, a1_ref, b0_ref, b1_ref, dk_ref, dv_ref, *scratch,
-                bq, bk, scale, n_q_tiles, n_k_blocks, backend):
+ROW_STATS = 8   # rows of `row_stats`: a TPU float32 tile's sublanes
+
+
+def row_stats(lse, delta, ranges):
+  """lse, delta `[B, H, Qp, 1]` f32 and ranges 4 x `[B, Qp, 1]` int32 -> `[B, H, 8, Qp]`
+  f32: rows lse, delta, a0, a1, b0, b1 (bit patterns of the int32 ranges), then zeros.
+  dk/dv reads a query tile's rows as one `[8, bq]` block (one TPU tile, one DMA) where
+  columns would take six `[bq, 1]` blocks, each padded to 128 lanes."""
+  b, heads, qp, _ = lse.shape
+  as_rows = lambda r: jnp.broadcast_to(
+      lax.bitcast_convert_type(r[:, None, :, 0], jnp.float32), (b, heads, qp))
+  rows = [lse[..., 0], delta[..., 0], *map(as_rows, ranges)]
+  rows += [jnp.zeros((b, heads, qp), jnp.float32)] * (ROW_STATS - len(rows))
+  return jnp.stack(rows, axis=2)
+
+
+def _row(block, r: int):
+  """Row r of a `[rows, n]` value as `[1, n]`, bit-exact (Triton takes no value slices,
+  nor a second index into a ref view: a masked sum over the rows)."""
+  rows = lax.broadcasted_iota(jnp.int32, block.shape, 0)
+  return jnp.sum(jnp.where(rows == r, block, jnp.zeros_like(block)), axis=0, keepdims=True)
+
+
+def _dkv_kernel(bounds_ref, qtiles_ref, q_ref, k_ref, v_ref, do_ref, stats_ref,
+                dk_ref, dv_ref, *scratch, bq, bk, scale, n_q_tiles, n_k_blocks, backend):
   b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  k0 = j * bk
   kb, vb = k_ref[...], v_ref[...]
+  key = _keys(j * bk, bk, axis=0)                                   # [bk, 1]
   qt = (b * n_k_blocks + j) * 4
   n, tile_of = _two_intervals(*[qtiles_ref[qt + c] for c in range(4)])
-  per_head = [streaming.row(ref, backend, b, h) for ref in (q_ref, do_ref, lse_ref, delta_ref)]
-  per_batch = [streaming.row(ref, backend, b) for ref in (a0_ref, a1_ref, b0_ref, b1_ref)]
-  sources = [lambda i, r=r: r.at[pl.ds(pl.multiple_of(i * bq, bq), bq), :]
-             for r in per_head + per_batch]
+  q_row, do_row, stats = (streaming.row(ref, backend, b, h)
+                          for ref in (q_ref, do_ref, stats_ref))
+  tile = lambda i: pl.ds(pl.multiple_of(i * bq, bq), bq)
+  sources = [lambda i: q_row.at[tile(i), :], lambda i: do_row.at[tile(i), :],
+             lambda i: stats.at[:, tile(i)]]
 
   def visit(views, carry):
     dk, dv = carry
-    q, do, lse, delta, *ranges = (view[...] for view in views)
-    p = jnp.where(_visible(*ranges, k0, bk), jnp.exp(_scores(q, kb, scale) - lse), 0.0)
-    dv = dv + _lhs_t_dot(p, do, backend)
-    dp = lax.dot_general(do, vb, _NT, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta)
-    dk = dk + _lhs_t_dot(ds, q, backend)
+    q_view, do_view, stats_view = views
+    q, do, stats_f32 = q_view[...], do_view[...], stats_view[...]
+    stats_i32 = lax.bitcast_convert_type(stats_f32, jnp.int32)
+    lse, delta = _row(stats_f32, 0), _row(stats_f32, 1)             # [1, bq]
+    ranges = [_row(stats_i32, r) for r in range(2, 6)]
+    # Transposed: p^T, dp^T, ds^T are [bk, bq], so dv = p^T do and dk = ds^T q.
+    p = jnp.where(_visible(*ranges, key), jnp.exp(_scores(kb, q, scale) - lse), 0.0)
+    dv = dv + jnp.dot(p.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    ds = p * (_scores(vb, do, 1.0) - delta)
+    dk = dk + jnp.dot(ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
     return dk, dv
 
   def body(t, views, carry):
@@ -228,13 +255,9 @@ def _row_block(rows, d):
   return pl.BlockSpec((None, None, rows, d), lambda b, h, i, *_: (b, h, i, 0))
 
 
-def _streamed(tiles: Tiles, length: int, d: int, heads_per_group=None):
-  """A streamed operand (`streaming.streamed_spec`); its GPU block is the whole
-  `[length, d]` row of the (batch, head // heads_per_group) of `[B, G, length, d]`, or
-  with heads_per_group None of the batch of `[B, length, d]`."""
-  if heads_per_group is None:
-    return streaming.streamed_spec(tiles.backend, (None, length, d),
-                                   lambda b, h, i, *_: (b, 0, 0))
+def _streamed(tiles: Tiles, length: int, d: int, heads_per_group: int):
+  """A streamed operand (`streaming.streamed_spec`) of `[B, G, length, d]`; its GPU block
+  is the whole `[length, d]` row of the (batch, head // heads_per_group)."""
   return streaming.streamed_spec(
       tiles.backend, (None, None, length, d),
       lambda b, h, i, *_: (b, kv_group(h, heads_per_group), 0, 0))
@@ -295,15 +318,15 @@ def dkv(bounds, qtiles, q, k, v, do, lse, delta, ranges, tiles: Tiles, scale: fl
   key_block = pl.BlockSpec((None, None, tiles.bk, d),
                            lambda b, h, j, *_: (b, kv_group(h, rep), j, 0))
   out_block = pl.BlockSpec((None, None, tiles.bk, d), lambda b, h, j, *_: (b, h, j, 0))
-  query_row, column = _streamed(tiles, qp, d, 1), _streamed(tiles, qp, 1, 1)
-  row_tile = lambda width, dtype: ((tiles.bq, width), dtype)
+  query_row = _streamed(tiles, qp, d, 1)
+  stats_row = streaming.streamed_spec(tiles.backend, (None, None, ROW_STATS, qp),
+                                      lambda b, h, j, *_: (b, h, 0, 0))
   return _call(
       kernel, tiles, grid=(b, heads, nk), n_scalars=2,
-      in_specs=[query_row, key_block, key_block, query_row, column, column,
-                *[_streamed(tiles, qp, 1)] * 4],
+      in_specs=[query_row, key_block, key_block, query_row, stats_row],
       out_specs=[out_block, out_block],
       out_shape=[jax.ShapeDtypeStruct((b, heads, kp, d), jnp.float32)] * 2,
       scratch_shapes=streaming.stream_scratch(
-          [row_tile(d, q.dtype)] * 2 + [row_tile(1, jnp.float32)] * 2
-          + [row_tile(1, jnp.int32)] * 4),
-      name="range_attention_dkv")(bounds, qtiles, q, k, v, do, lse, delta, *ranges)
+          [((tiles.bq, d), q.dtype)] * 2 + [((ROW_STATS, tiles.bq), jnp.float32)]),
+      name="range_attention_dkv")(bounds, qtiles, q, k, v, do,
+                                  row_stats(lse, delta, ranges))

@@ -16,9 +16,10 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from bltjax import diffusion
-from conftest import lowered_text, tpu_vmem_bytes
+from conftest import lowered_text, tpu_streamed_blocks, tpu_vmem_bytes
 from pallas_kernels import diffusion as kernels_pkg
-from pallas_kernels.diffusion import range_attention, range_attention_reference, tiles
+from pallas_kernels.diffusion import kernels as range_kernels
+from pallas_kernels.diffusion import ops, range_attention, range_attention_reference, tiles
 
 VARIANTS = {"gpu": dict(backend="gpu", bq=16, bk=16), "tpu": dict(backend="tpu", bq=16, bk=16)}
 TOL_FWD = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -206,13 +207,42 @@ def test_tpu_kernels_race_detection(capfd):
   assert "RACE DETECTED" not in capfd.readouterr().out
 
 
-def _tpu_vmem_bytes(length):
-  """VMEM bytes per range-attention kernel (fwd, dq, dkv) at a bf16 row of `length`."""
+def _tpu_kernels(length, measure):
+  """`measure` (a conftest helper) of the TPU range-attention kernels (fwd, dq, dkv) at a
+  bf16 row of `length`, head_dim 64."""
   q = jax.ShapeDtypeStruct((1, length, 4, 64), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, length, 2, 64), jnp.bfloat16)
   ranges = [jax.ShapeDtypeStruct((1, length), jnp.int32)] * 4
   loss = lambda q, k, v, *r: jnp.sum(range_attention(q, k, v, r, backend="tpu"))
-  return tpu_vmem_bytes(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv, *ranges)
+  return measure(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv, *ranges)
+
+
+def _tpu_vmem_bytes(length):
+  return _tpu_kernels(length, tpu_vmem_bytes)
+
+
+def test_tpu_dkv_streams_two_row_tiles_and_one_stats_tile_per_query_tile():
+  """dk/dv copies, per visited query tile, q and do `[bq, d]` and one `[8, bq]` f32 tile
+  of the rows' lse, delta and ranges (`kernels.row_stats`), not six `[bq, 1]` columns
+  (each padded to 128 lanes in VMEM: 8 DMAs a tile before)."""
+  bq = ops.TPU_DEFAULTS["bq"]
+  streamed = _tpu_kernels(1024, tpu_streamed_blocks)["range_attention_dkv"]
+  assert streamed == [((bq, 64), np.dtype(jnp.bfloat16))] * 2 + [((8, bq), np.dtype("float32"))]
+
+
+def test_row_stats_are_lane_major_rows_and_ranges_keep_their_bits():
+  lse, delta = (jnp.asarray(np.random.default_rng(s).normal(size=(2, 3, 5, 1)), jnp.float32)
+                for s in (0, 1))
+  ranges = [jnp.asarray(np.random.default_rng(2 + c).integers(0, 1 << 30, (2, 5, 1)), jnp.int32)
+            for c in range(4)]
+  stats = range_kernels.row_stats(lse, delta, ranges)
+  assert stats.shape == (2, 3, 8, 5) and stats.dtype == jnp.float32
+  np.testing.assert_array_equal(stats[:, :, 0], lse[..., 0])
+  np.testing.assert_array_equal(stats[:, :, 1], delta[..., 0])
+  for c, r in enumerate(ranges):
+    bits = jax.lax.bitcast_convert_type(stats[:, :, 2 + c], jnp.int32)
+    np.testing.assert_array_equal(bits, np.broadcast_to(r[:, None, :, 0], (2, 3, 5)))
+  np.testing.assert_array_equal(stats[:, :, 6:], 0.0)
 
 
 def test_tpu_kernels_hold_tiles_not_rows_in_vmem():
