@@ -518,6 +518,6 @@ def load(path: str, *, step: int | None = None, max_len: int = DEFAULT_MAX_LEN,
       raise FileNotFoundError(
           f"the entropy model of {path} ({entropy_workdir!r}, config.patcher.entropy_workdir) "
           "does not exist; run from the directory the BLT was trained in or fix config.json")
-    frozen = patching.EntropyModelRef.load(entropy_workdir, sharding).params
+    frozen = patching.blt_entropy_model(config.patcher, sharding).params
   return Model(path, config, params, frozen, int(loaded_step), max_len=max_len,
                compiler_options=compiler_options)

@@ -235,6 +235,8 @@ def base_config() -> ml_collections.ConfigDict:
       max_patches=0,                 # patches per row P; 0: seq_len (never drops bytes)
       target_patch_len=4.5,          # `bltjax calibrate` aims at this mean patch length
       entropy_workdir="",            # workdir of a trained entropy model
+      entropy_step=-1,               # its checkpoint step; < 0: the latest (`bltjax train`
+                                     # pins it and the threshold in the BLT's config.json)
   ))
 
   config.data = default_data_config()

@@ -177,7 +177,7 @@ def load_model(workdir: str, step: int | None = None):
   if config.patcher.mode != "entropy" or not config.patcher.entropy_workdir:
     raise ExportError(f"config.patcher.mode={config.patcher.mode!r} of {workdir} cannot be "
                       "exported: the port patches by entropy only")
-  entropy = patching.EntropyModelRef.load(config.patcher.entropy_workdir)
+  entropy = patching.blt_entropy_model(config.patcher)
   threshold = patching.resolve_threshold(config.patcher, config.patcher.entropy_workdir)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),

@@ -93,7 +93,7 @@ class BltObjective:
     self.module = blt.BLT(self.model_config)
     seq_len = config.train.seq_len
     section = config.patcher
-    self.entropy_workdir = section.entropy_workdir if section.mode == "entropy" else ""
+    self.patcher_section = section
     if section.mode == "entropy":
       if not section.entropy_workdir:
         raise configs.ConfigError(
@@ -115,8 +115,7 @@ class BltObjective:
     if self.entropy_model is None:
       return None
     from bltjax import patching  # pylint: disable=g-import-not-at-top
-    return patching.EntropyModelRef.load(self.entropy_workdir,
-                                         sharding.replicated(mesh)).params
+    return patching.blt_entropy_model(self.patcher_section, sharding.replicated(mesh)).params
 
   def patches(self, batch, frozen) -> patcher_lib.Patches:
     entropies = None

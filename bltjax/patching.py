@@ -2,7 +2,10 @@
 patches, and calibrate the threshold for a target mean patch length.
 
 The calibrated threshold is stored in `<entropy_workdir>/patcher.json`; a config with
-`patcher.threshold < 0` uses it.
+`patcher.threshold < 0` uses it. A BLT is patched by one entropy model for good:
+`pin_entropy_model` writes the threshold and the entropy checkpoint step into the BLT's
+config when it starts training, so recalibrating or training the entropy model further
+never changes how an existing BLT is patched.
 """
 
 from __future__ import annotations
@@ -79,21 +82,91 @@ class EntropyModelRef:
     return cls(entropy_model.EntropyModel(model_config), None, workdir, None, config)
 
   @classmethod
-  def load(cls, workdir: str, sharding: jax.sharding.Sharding | None = None) -> "EntropyModelRef":
-    """Loads the latest checkpoint of an entropy-model workdir."""
+  def load(cls, workdir: str, sharding: jax.sharding.Sharding | None = None,
+           step: int | None = None) -> "EntropyModelRef":
+    """Loads checkpoint `step` (None or < 0: the latest) of an entropy-model workdir."""
     ref = cls.describe(workdir)
+    step = None if step is None or step < 0 else step
+    if step is not None and step not in checkpoint_steps(workdir):
+      raise configs.ConfigError(
+          f"the entropy model {workdir} has no checkpoint {step} (patcher.entropy_step: the "
+          f"step the BLT was trained with; it holds {checkpoint_steps(workdir) or 'none'}): "
+          "restore that step, or set patcher.entropy_step=-1 (--config.patcher.entropy_step "
+          "or the BLT's config.json) to patch with the latest one, which changes the patches")
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     boxed = jax.eval_shape(ref.module.init, jax.random.PRNGKey(0), tokens, tokens)["params"]
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                             nn.meta.unbox(boxed))
-    params, step = checkpoint.load_params(workdir, abstract)
+    params, step = checkpoint.load_params(workdir, abstract, step=step)
     return dataclasses.replace(ref, params=params, step=step)
 
   def entropies(self, params, tokens, segment_ids):
     """Pure: next-byte entropies (nats, float32) `[batch, len]`, per row."""
     logits = self.module.apply({"params": params}, tokens, segment_ids)
     return patcher_lib.entropies_from_logits(logits)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The finished checkpoint steps of a workdir, ascending."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  ckpt = checkpoint.Checkpointer(directory, async_save=False, read_only=True)
+  try:
+    return sorted(ckpt.all_steps())
+  finally:
+    ckpt.close()
+
+
+def blt_entropy_model(patcher_section: Mapping,
+                      sharding: jax.sharding.Sharding | None = None) -> EntropyModelRef:
+  """The entropy model that patches a BLT: `patcher.entropy_workdir` at the pinned
+  `patcher.entropy_step` (the latest when < 0)."""
+  return EntropyModelRef.load(patcher_section["entropy_workdir"], sharding,
+                              step=patcher_section.get("entropy_step", -1))
+
+
+def pin_entropy_model(config, workdir: str):
+  """`config` with the BLT's patching fixed for the run in `workdir`: `patcher.threshold`
+  (the calibrated one when < 0) and `patcher.entropy_step` (the entropy workdir's latest
+  step when < 0) become the values the run started with (`workdir`'s config.json, same
+  entropy workdir) or else today's. Unpinned, a BLT would be patched by whatever its
+  entropy workdir holds at each load or resume. Other configs are returned as they are."""
+  section = config.patcher
+  if config.model.kind != "blt" or section.mode != "entropy" or not section.entropy_workdir:
+    return config
+  started = _saved_patcher(workdir)
+  if started.get("entropy_workdir") != section.entropy_workdir:
+    started = {}
+  threshold, step = section.threshold, section.entropy_step
+  if threshold < 0:
+    threshold = started.get("threshold", -1.0)
+    if threshold < 0:
+      threshold = resolve_threshold(section, section.entropy_workdir)
+  if step < 0:
+    step = started.get("entropy_step", -1)
+    if step < 0:
+      steps = checkpoint_steps(section.entropy_workdir)
+      if not steps:
+        raise configs.ConfigError(
+            f"config.patcher.entropy_workdir {section.entropy_workdir} holds no finished "
+            "checkpoint; train the entropy model first (bltjax train --config "
+            "experiments/entropy_tiny.py ...)")
+      step = steps[-1]
+  pinned = configs.from_json(configs.to_json(config))
+  with pinned.unlocked():
+    pinned.patcher.threshold, pinned.patcher.entropy_step = float(threshold), int(step)
+  return pinned
+
+
+def _saved_patcher(workdir: str) -> dict:
+  """The patcher section of `workdir`'s config.json ({} when there is none)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f).get("patcher", {})
 
 
 def patcher_from_workdir(entropy_workdir: str, patcher_section: Mapping | None = None

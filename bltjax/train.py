@@ -30,6 +30,7 @@ from bltjax import flops
 from bltjax import losses
 from bltjax import metrics as metrics_lib
 from bltjax import objectives
+from bltjax import patching
 from bltjax import preemption
 from bltjax import profiling
 from bltjax import sharding
@@ -323,6 +324,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
 
   `devices`: the devices of the mesh (default: all)."""
   tcfg = config.train
+  config = patching.pin_entropy_model(config, workdir)
   check_workdir_config(workdir, config)
   trainer = Trainer(config, workdir, devices)
   distributed.barrier("bltjax/train_start")   # before the checkpoint's first collective

@@ -55,7 +55,7 @@ def _restore(workdir):
                           convert.abstract_params(config)[0])
   params, step = checkpoint.load_params(workdir, abstract)
   assert step == 0
-  frozen = patching.EntropyModelRef.load(objective.entropy_workdir, sharding).params
+  frozen = patching.blt_entropy_model(config.patcher, sharding).params
   return config, objective, params, frozen
 
 
