@@ -21,12 +21,32 @@ class ConfigError(ValueError):
   """A bad experiment file, override or config value. The message names the fix."""
 
 
-def load_experiment(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path.py` or `path.py:arg` and returns its locked config."""
-  path, _, arg = spec.partition(":")
+SAVED_CONFIG = "config.json"   # what `bltjax train` writes into its workdir
+
+
+def check_experiment_path(path: str) -> None:
+  """Raises ConfigError unless `path` is a Python file; a workdir or its saved config
+  gets how to resume or reuse that run."""
+  workdir = path if os.path.isdir(path) else os.path.dirname(path) or "."
+  if (os.path.basename(path) == SAVED_CONFIG or os.path.isdir(path)) and os.path.isfile(
+      os.path.join(workdir, SAVED_CONFIG)):
+    raise ConfigError(
+        f"{path} is the saved config of workdir {workdir}, not an experiment file (a Python "
+        f"file with get_config()); to resume that run, re-run `bltjax train` with the "
+        f"experiment file it was started with and --workdir {workdir}; `bltjax eval`, "
+        f"`generate`, `calibrate` and `export` take --workdir {workdir} itself")
   if not os.path.isfile(path):
     raise ConfigError(f"experiment file {path!r} does not exist; pass e.g. "
                       "--config experiments/entropy_tiny.py")
+  if not path.endswith(".py"):
+    raise ConfigError(f"{path} is not an experiment file: experiment files are Python files "
+                      "with get_config(arg=None); pass e.g. --config experiments/entropy_tiny.py")
+
+
+def load_experiment(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path.py` or `path.py:arg` and returns its locked config."""
+  path, _, arg = spec.partition(":")
+  check_experiment_path(path)
   module_name = "bltjax_experiment_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(module_spec)

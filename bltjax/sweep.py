@@ -215,6 +215,10 @@ def _import(path: str):
   if not os.path.isfile(path):
     raise SweepError(f"sweep file {path!r} does not exist; pass e.g. --config "
                      "experiments/sweeps/decoding.py")
+  if not path.endswith(".py"):
+    raise SweepError(f"{path} is not a sweep file: sweep files are Python files with "
+                     "get_config(arg=None) and get_sweep(config); pass e.g. --config "
+                     "experiments/sweeps/decoding.py")
   name = "bltjax_sweep_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)

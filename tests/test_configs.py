@@ -51,3 +51,19 @@ def test_override_without_value_and_missing_file_are_errors():
 def test_config_round_trips_through_json():
   config = configs.load(EXPERIMENT)
   assert configs.to_json(configs.from_json(configs.to_json(config))) == configs.to_json(config)
+
+
+def test_a_config_that_is_not_a_python_file_names_the_fix(tmp_path):
+  with pytest.raises(configs.ConfigError, match="README.md is not an experiment file: "
+                     "experiment files are Python files with get_config"):
+    configs.load("README.md")
+  # A workdir's config.json (or the workdir itself): how to resume or reuse that run.
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(configs.to_json(configs.load(EXPERIMENT)))
+  for spec in (str(workdir / "config.json"), str(workdir)):
+    with pytest.raises(configs.ConfigError) as info:
+      configs.load(spec)
+    assert f"is the saved config of workdir {workdir}, not an experiment file" in str(info.value)
+    assert (f"re-run `bltjax train` with the experiment file it was started with and "
+            f"--workdir {workdir}") in str(info.value)

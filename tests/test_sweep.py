@@ -189,6 +189,13 @@ def test_a_bad_entry_fails_before_any_run(tmp_path, count_runs, capsys, entry, m
   assert err.startswith("bltjax: error: ") and len(err.strip().splitlines()) == 1
 
 
+def test_a_sweep_file_that_is_not_python_names_the_fix(monkeypatch):
+  monkeypatch.chdir(REPO)
+  with pytest.raises(sweep.SweepError, match="README.md is not a sweep file: sweep files are "
+                     "Python files with get_config"):
+    sweep.load_sweep("README.md")
+
+
 def test_a_bad_training_key_fails_before_any_run(tmp_path):
   spec = write_file(tmp_path / "bad_train.py", """
 from bltjax import sweep
