@@ -45,7 +45,7 @@ def get_config(arg=None):
   config.optim.warmup_steps = 50
   if arg:
     for name in arg.split(","):
-      if name.startswith("bltd"):
+      if name.startswith("bltd") and name[len("bltd"):].isdigit():
         config.model.diffusion.block_size = int(name[len("bltd"):])
       elif name == "large":   # the GPU table's model: global 12 x 1024, local 256 wide
         blt.encoder = configs.transformer_section(256, 1, 4, window=256, rope_theta=500000.0)

@@ -78,7 +78,7 @@ def get_config(arg=None):
   config.mesh.data = 1
   config.mesh.fsdp = -1
   for name in names[1:]:
-    if not name.startswith("bltd"):
+    if not (name.startswith("bltd") and name[len("bltd"):].isdigit()):
       raise ValueError(f"unknown variant {name!r}; use bltd4|bltd8|bltd16")
     config.model.diffusion.lambda_diff = 1.0
     config.model.diffusion.elbo_weight = True

@@ -42,7 +42,7 @@ def get_config(arg=None):
   config.optim.warmup_steps = 60
 
   for arg_name in sorted(args):
-    if arg_name.startswith("bltd"):
+    if arg_name.startswith("bltd") and arg_name[len("bltd"):].isdigit():
       config.model.diffusion.lambda_diff = 1.0
       config.model.diffusion.block_size = int(arg_name[len("bltd"):])
     elif arg_name in ("static", "space"):

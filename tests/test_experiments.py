@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 import sys
 
 import pytest
@@ -41,3 +42,13 @@ def test_released_1b_component_counts():
   assert round(counts["local_encoder"] / 1e6, 1) == 19.4
   assert round(counts["global_model"] / 1e6) == 1285
   assert round(counts["local_decoder"] / 1e6) == 158
+
+
+@pytest.mark.parametrize("spec, variants", [
+    ("blt_tiny.py:bltdx", "bltd4|bltd8|bltd16, static|space, runlocal"),
+    ("blt_bench.py:bltd", "bltd4|bltd8|bltd16|large|runlocal"),
+    ("blt_paper.py:1b,bltd_8", "bltd4|bltd8|bltd16"),
+])
+def test_a_bad_bltd_variant_names_the_valid_variants(spec, variants):
+  with pytest.raises(ValueError, match=r"unknown variant '\w+'; use " + re.escape(variants)):
+    configs.load(os.path.join(REPO, "experiments", spec))
