@@ -98,6 +98,18 @@ class Checkpointer:
     self._manager.close()
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """Steps of the finished checkpoints in `<workdir>/checkpoints`, sorted; [] for none (or
+  no such directory). Read from the directory names, without orbax: a save writes into a
+  temporary directory that is renamed to its step when it is complete."""
+  try:
+    names = os.listdir(os.path.join(workdir, "checkpoints"))
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+  return sorted(int(name) for name in names if name.isdigit()
+                and os.path.isdir(os.path.join(workdir, "checkpoints", name)))
+
+
 def read_config(workdir: str):
   """The config a workdir was trained with (`<workdir>/config.json`).
 

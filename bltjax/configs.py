@@ -149,6 +149,30 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   return config
 
 
+_ABSENT = object()   # a key a config lacks (`differences`)
+
+
+def differences(saved: Any, given: Any, prefix: str = "") -> list[str]:
+  """Where two configs as JSON (dicts of dicts) differ, sorted by dotted key:
+  `["model.diffusion.block_size: 8 (saved) vs 4 (given)", ...]`. `prefix` is the dotted
+  name of `saved`/`given`; a key one of them lacks shows as `absent`."""
+  if isinstance(saved, dict) and isinstance(given, dict):
+    return [line for key in sorted(set(saved) | set(given), key=str)
+            for line in differences(saved.get(key, _ABSENT), given.get(key, _ABSENT),
+                                    f"{prefix}.{key}" if prefix else str(key))]
+  if saved == given:
+    return []
+  show = lambda value: "absent" if value is _ABSENT else json.dumps(value, default=str)
+  return [f"{prefix}: {show(saved)} (saved) vs {show(given)} (given)"]
+
+
+def describe_differences(saved: Any, given: Any, prefix: str = "", most: int = 4) -> str:
+  """The first `most` `differences`, "; "-separated, and how many more there are."""
+  lines = differences(saved, given, prefix)
+  more = f"; {len(lines) - most} more" if len(lines) > most else ""
+  return "; ".join(lines[:most]) + more
+
+
 def with_defaults(saved: dict) -> dict:
   """A saved config (`config.json` as a dict) with the keys it lacks taken from
   `base_config()`: a key added to bltjax after the run was saved defaults to the behaviour

@@ -109,18 +109,28 @@ def abstract_batch(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStr
 
 
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes `config.json`, or refuses a workdir that holds another model's run."""
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      saved = configs.with_defaults(json.load(f))
-    for section in ("model",):
-      # Compared as JSON (tuples come back as lists).
-      if saved.get(section) != json.loads(configs.to_json(config[section])):
-        raise configs.ConfigError(
-            f"workdir {workdir} holds a run of another model (config.{section} differs from "
-            f"{path}); use a new --workdir or the saved config")
+  """Refuses a workdir whose checkpoints are another model's: `config.model` differs
+  from its `config.json`. A workdir without a checkpoint (a first run that failed) takes
+  any config; `write_workdir_config` then replaces its `config.json`."""
+  path = os.path.join(workdir, configs.SAVED_CONFIG)
+  if not os.path.exists(path) or not checkpoint_lib.saved_steps(workdir):
+    return
+  with open(path, encoding="utf-8") as f:
+    saved = configs.with_defaults(json.load(f))
+  for section in ("model",):
+    # Compared as JSON (tuples come back as lists).
+    given = json.loads(configs.to_json(config[section]))
+    if saved.get(section) != given:
+      raise configs.ConfigError(
+          f"workdir {workdir} holds a run of another model "
+          f"({configs.describe_differences(saved.get(section), given, section)} in {path}); "
+          f"use a new --workdir, or the saved config.{section} to resume it")
+
+
+def write_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes `<workdir>/config.json` (process 0)."""
   if jax.process_index() == 0:
+    path = os.path.join(workdir, configs.SAVED_CONFIG)
     os.makedirs(workdir, exist_ok=True)
     # Atomic (write + rename): other processes may be reading the previous one.
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -327,6 +337,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
   config = patching.pin_entropy_model(config, workdir)
   check_workdir_config(workdir, config)
   trainer = Trainer(config, workdir, devices)
+  write_workdir_config(workdir, config)
   distributed.barrier("bltjax/train_start")   # before the checkpoint's first collective
   is_main = jax.process_index() == 0
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep,

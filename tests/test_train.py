@@ -203,8 +203,22 @@ def test_workdir_of_another_model_is_refused(tiny_corpus, tmp_path):
   train_on_one_device(tiny_entropy_config(tiny_corpus, train__steps=1, train__eval_every=0),
                       workdir)
   other = tiny_entropy_config(tiny_corpus, train__steps=2, model__entropy__d_model=64)
-  with pytest.raises(configs.ConfigError, match="another model"):
+  with pytest.raises(configs.ConfigError, match=r"another model \(model\.entropy\.d_model: "
+                     r"32 \(saved\) vs 64 \(given\) in "):
     train_on_one_device(other, workdir)
+
+
+def test_a_workdir_without_checkpoints_takes_a_new_config(tiny_corpus, tmp_path):
+  # A first run that failed before its first checkpoint (here: its config.json alone) does
+  # not bind the workdir to its model: the corrected command trains, and its config stays.
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  failed = tiny_entropy_config(tiny_corpus, model__entropy__d_model=64)
+  (workdir / "config.json").write_text(configs.to_json(failed))
+  train_on_one_device(tiny_entropy_config(tiny_corpus, train__steps=1, train__eval_every=0,
+                                          train__eval_batches=1), str(workdir))
+  assert checkpoint.read_config(str(workdir)).model.entropy.d_model == 32
+  assert os.listdir(workdir / "checkpoints") == ["1"]
 
 
 def test_workdir_saved_before_a_config_key_existed_still_resumes_and_loads(tiny_corpus,
