@@ -335,8 +335,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
   `devices`: the devices of the mesh (default: all)."""
   tcfg = config.train
   config = patching.pin_entropy_model(config, workdir)
+  # Every check before the workdir is written: a run that cannot train (or would fail at
+  # its first evaluation) leaves nothing behind.
   check_workdir_config(workdir, config)
   trainer = Trainer(config, workdir, devices)
+  dataset = data_lib.train_dataset(
+      config.data, seq_len=tcfg.seq_len, global_batch=tcfg.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  data_lib.split_sources(config.data, "valid")   # DataError when it holds no document
   write_workdir_config(workdir, config)
   distributed.barrier("bltjax/train_start")   # before the checkpoint's first collective
   is_main = jax.process_index() == 0
@@ -355,9 +361,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
       state = dataclasses.replace(state, params=params)
       if jax.process_index() == 0:
         print(f"initialised params from {tcfg.init_params_from} (step {from_step})")
-  dataset = data_lib.train_dataset(
-      config.data, seq_len=tcfg.seq_len, global_batch=tcfg.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
   data_iter = data_lib.train_iterator(dataset, start_step=start_step,
                                       prefetch=config.data.prefetch,
                                       read_threads=config.data.read_threads)

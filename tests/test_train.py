@@ -221,6 +221,23 @@ def test_a_workdir_without_checkpoints_takes_a_new_config(tiny_corpus, tmp_path)
   assert os.listdir(workdir / "checkpoints") == ["1"]
 
 
+def _one_file(tmp_path, text: str) -> str:
+  path = tmp_path / "one.txt"
+  path.write_text(text)
+  return str(path)
+
+
+@pytest.mark.parametrize("text", ["def f():\n  return 1\n" * 50, ""], ids=["one_file", "empty"])
+def test_no_validation_documents_fail_before_anything_is_written(tmp_path, text):
+  config = tiny_entropy_config(_one_file(tmp_path, text), train__steps=1,
+                               train__eval_every=0)
+  workdir = tmp_path / "run"
+  with pytest.raises(data_lib.DataError, match="no validation documents: data.valid is empty "
+                     "and holding out valid_fraction=0.02 of data.train's 1 document"):
+    train_on_one_device(config, str(workdir))
+  assert not workdir.exists()
+
+
 def test_workdir_saved_before_a_config_key_existed_still_resumes_and_loads(tiny_corpus,
                                                                           tmp_path):
   workdir = str(tmp_path / "run")
