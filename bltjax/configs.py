@@ -291,11 +291,11 @@ def base_config() -> ml_collections.ConfigDict:
       grad_accum_steps=1,            # microbatches per step: gradients summed in a scan
                                      # (activation memory of batch_size / this)
       seq_len=512,                   # bytes per row
-      log_every=10,
-      eval_every=200,                # 0: only at the end
+      log_every=10,                  # steps per logged row (>= 1; the last step is logged)
+      eval_every=200,                # steps per evaluation; 0: only at the end
       eval_batches=8,                # validation batches per eval; 0: the whole split
-      save_every=200,
-      keep=3,                        # checkpoints kept
+      save_every=200,                # steps per checkpoint (>= 1; the last step is saved)
+      keep=3,                        # checkpoints kept (>= 1: the last holds the model)
       async_checkpoint=True,
       init_params_from="",           # a workdir or converted model dir: start from its params
       time_budget_s=0.0,             # stop (and save) after this much training (first step

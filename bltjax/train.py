@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -108,6 +108,34 @@ def abstract_batch(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStr
   return {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in data_lib.BATCH_KEYS}
 
 
+# config.train key -> (least value, what it means): `check_train_config`.
+TRAIN_MINIMUMS = {
+    "steps": (1, "optimizer steps of the run"),
+    "batch_size": (1, "rows per global batch"),
+    "grad_accum_steps": (1, "microbatches per step; 1: none"),
+    "seq_len": (2, "bytes per row"),
+    "log_every": (1, "steps per logged row; the last step is always logged"),
+    "save_every": (1, "steps per checkpoint; the last step is always saved"),
+    "keep": (1, "checkpoints kept; the last one holds the trained model"),
+    "eval_every": (0, "0: only at the end"),
+    "eval_batches": (0, "0: the whole validation split"),
+    "time_budget_s": (0, "seconds of training; 0: off"),
+    "profile_steps": (0, "steps to profile; 0: off"),
+    "profile_skip": (0, "steps before the profiled ones"),
+}
+
+
+def check_train_config(tcfg: ml_collections.ConfigDict,
+                       keys: Sequence[str] = tuple(TRAIN_MINIMUMS)) -> None:
+  """Raises ConfigError on a `config.train` value below its least (`TRAIN_MINIMUMS`), of
+  `keys` (default: all)."""
+  for key in keys:
+    least, meaning = TRAIN_MINIMUMS[key]
+    if tcfg[key] < least:
+      raise configs.ConfigError(f"config.train.{key}={tcfg[key]} must be >= {least} "
+                                f"({meaning})")
+
+
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Refuses a workdir whose checkpoints are another model's: `config.model` differs
   from its `config.json`. A workdir without a checkpoint (a first run that failed) takes
@@ -145,10 +173,7 @@ class Trainer:
     self.config = config
     self.workdir = workdir
     tcfg = config.train
-    if tcfg.steps < 1 or tcfg.batch_size < 1 or tcfg.seq_len < 2:
-      raise configs.ConfigError("config.train needs steps >= 1, batch_size >= 1, seq_len >= 2")
-    if tcfg.profile_steps < 0 or tcfg.profile_skip < 0:
-      raise configs.ConfigError("config.train.profile_steps and profile_skip must be >= 0")
+    check_train_config(tcfg, ("steps", "batch_size", "grad_accum_steps", "seq_len"))
     # --- Mesh -------------------------------------------------------------------------
     self.mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch(tcfg.batch_size, self.mesh, tcfg.grad_accum_steps)
@@ -337,6 +362,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
   config = patching.pin_entropy_model(config, workdir)
   # Every check before the workdir is written: a run that cannot train (or would fail at
   # its first evaluation) leaves nothing behind.
+  check_train_config(tcfg)
   check_workdir_config(workdir, config)
   trainer = Trainer(config, workdir, devices)
   dataset = data_lib.train_dataset(

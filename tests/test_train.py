@@ -12,12 +12,13 @@ import pytest
 
 from bltjax import bytes as bytes_lib
 from bltjax import checkpoint
+from bltjax import cli
 from bltjax import configs
 from bltjax import data as data_lib
 from bltjax import metrics
 from bltjax import sharding
 from bltjax import train
-from conftest import (logged_train_steps, tiny_blt_config, tiny_entropy_config,
+from conftest import (REPO, logged_train_steps, tiny_blt_config, tiny_entropy_config,
                       train_on_one_device)
 
 
@@ -236,6 +237,38 @@ def test_no_validation_documents_fail_before_anything_is_written(tmp_path, text)
                      "and holding out valid_fraction=0.02 of data.train's 1 document"):
     train_on_one_device(config, str(workdir))
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("log_every", 0, "config.train.log_every=0 must be >= 1"),
+    ("save_every", 0, "config.train.save_every=0 must be >= 1"),
+    ("keep", 0, "config.train.keep=0 must be >= 1"),
+    ("eval_every", -1, r"config.train.eval_every=-1 must be >= 0 \(0: only at the end\)"),
+    ("eval_batches", -1, "config.train.eval_batches=-1 must be >= 0"),
+])
+def test_train_intervals_out_of_range_fail_before_anything_is_written(tiny_corpus, tmp_path,
+                                                                      key, value, message):
+  config = tiny_entropy_config(tiny_corpus, train__steps=2, **{f"train__{key}": value})
+  workdir = tmp_path / "run"
+  with pytest.raises(configs.ConfigError, match=message):
+    train_on_one_device(config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_cli_train_errors_are_one_line_and_leave_no_workdir(tiny_corpus, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  base = ["train", "--config", os.path.join(REPO, "experiments", "entropy_tiny.py:runlocal"),
+          "--workdir", str(workdir), "--config.data.prefetch=0", "--config.train.steps=2"]
+  cases = [
+      ([f"--config.data.train={_one_file(tmp_path, 'x = 1')}"], "no validation documents"),
+      ([f"--config.data.train={tiny_corpus}", "--config.train.log_every=0"],
+       "config.train.log_every=0 must be >= 1"),
+  ]
+  for overrides, message in cases:
+    assert cli.main(base + overrides) == 2, overrides
+    err = capsys.readouterr().err
+    assert err.startswith("bltjax: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and not workdir.exists()
 
 
 def test_workdir_saved_before_a_config_key_existed_still_resumes_and_loads(tiny_corpus,
