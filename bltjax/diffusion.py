@@ -35,6 +35,9 @@ from bltjax import losses
 from bltjax.model import attention
 
 NOISE_MODES = ("per_example", "per_block")
+# A block's anchor lies this many bytes or more past its row's (and document's) start:
+# `anchor_blocks`' default min_offset, which training uses.
+MIN_ANCHOR_OFFSET = 2
 
 
 # ----------------------------------------------------------------------------- training
@@ -82,6 +85,13 @@ def _take(x, idx):
   return jnp.take_along_axis(x, flat, axis=1).reshape(idx.shape)
 
 
+def max_block_size(seq_len: int) -> int:
+  """The most real bytes a noisy block of a `seq_len`-byte row can hold: it starts
+  `MIN_ANCHOR_OFFSET` or more bytes into the row and is cut at the row's end (a longer
+  block only adds padding positions, K of them per extra byte)."""
+  return seq_len - MIN_ANCHOR_OFFSET
+
+
 def _block_extent(anchors, valid, segment_ids, allowed, block_size):
   """positions `[batch, K, B]` and in_block (the leading run of real bytes)."""
   length = segment_ids.shape[1]
@@ -94,7 +104,7 @@ def _block_extent(anchors, valid, segment_ids, allowed, block_size):
 
 
 def anchor_blocks(starts, segment_ids, *, block_size: int, num_blocks: int, rng,
-                  allowed=None, min_offset: int = 2) -> Blocks:
+                  allowed=None, min_offset: int = MIN_ANCHOR_OFFSET) -> Blocks:
   """Chooses K = `num_blocks` block anchors per row among the patch starts.
 
   Candidates are the patch starts s (`starts[:, :len]`) with `s - doc_start(s) >=
@@ -139,7 +149,7 @@ def anchor_blocks(starts, segment_ids, *, block_size: int, num_blocks: int, rng,
 
 def anchor_blocks_per_chunk(starts, segment_ids, *, block_size: int, chunk: int,
                             blocks_per_chunk: int, rng, allowed=None,
-                            min_offset: int = 2) -> Blocks:
+                            min_offset: int = MIN_ANCHOR_OFFSET) -> Blocks:
   """`anchor_blocks`, but choosing up to A = `blocks_per_chunk` anchors in each chunk.
 
   Chunk c holds the anchors s with `(s - 1) // chunk == c`: the clean keys such a block

@@ -223,6 +223,24 @@ class BltObjective:
     return 3.0 * forward
 
 
+def check_diffusion_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError on a BLT-D block size (`model.diffusion.block_size`, read when
+  `lambda_diff` > 0) that a training row (`train.seq_len`) cannot hold.
+
+  Training checks it (`train.check_config`), not `make_objective`: evaluation and
+  generation never build noisy blocks, whatever their row length."""
+  dcfg, seq_len = config.model.diffusion, config.train.seq_len
+  if config.model.kind != "blt" or not dcfg.lambda_diff > 0:
+    return
+  most = diffusion.max_block_size(seq_len)
+  if not 1 <= dcfg.block_size <= most:
+    raise configs.ConfigError(
+        f"config.model.diffusion.block_size={dcfg.block_size} must be in [1, {most}]: a "
+        f"{seq_len}-byte row (config.train.seq_len) holds blocks of at most {most} bytes "
+        f"(they start {diffusion.MIN_ANCHOR_OFFSET} or more bytes into it); use e.g. 4, 8 "
+        "or 16")
+
+
 def make_objective(config: ml_collections.ConfigDict) -> Any:
   kinds = {"entropy": EntropyObjective, "blt": BltObjective}
   if config.model.kind not in kinds:
@@ -239,7 +257,11 @@ def param_counts(config: ml_collections.ConfigDict, seq_len: int = 64) -> dict[s
 
   For kind "blt" the hash tables are counted apart from the encoder, and the entropy
   model is the shape in `config.model.entropy` (the patcher it is meant to use).
+
+  Raises:
+    ConfigError: a BLT-D block size the training rows cannot hold.
   """
+  check_diffusion_config(config)
   shapes = {k: jax.ShapeDtypeStruct((1, seq_len), jnp.int32) for k in ("inputs",
                                                                         "segment_ids")}
   entropy_cfg = model_lib.transformer_config(config.model.entropy, config.model)

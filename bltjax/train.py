@@ -136,6 +136,13 @@ def check_train_config(tcfg: ml_collections.ConfigDict,
                                 f"({meaning})")
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError on a config no training run can use (`check_train_config`, a
+  BLT-D block size its rows cannot hold): what `train` checks before anything else."""
+  check_train_config(config.train)
+  objectives.check_diffusion_config(config)
+
+
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Refuses a workdir whose checkpoints are another model's: `config.model` differs
   from its `config.json`. A workdir without a checkpoint (a first run that failed) takes
@@ -362,7 +369,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
   config = patching.pin_entropy_model(config, workdir)
   # Every check before the workdir is written: a run that cannot train (or would fail at
   # its first evaluation) leaves nothing behind.
-  check_train_config(tcfg)
+  check_config(config)
   check_workdir_config(workdir, config)
   trainer = Trainer(config, workdir, devices)
   dataset = data_lib.train_dataset(

@@ -1,15 +1,21 @@
 """BLT-D: the clean copy is exactly BLT, noisy blocks see only their prefix and
 themselves, the chunked attention equals the dense two-range mask, and it learns."""
 
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bltjax import cli
+from bltjax import configs
 from bltjax import diffusion
 from bltjax import objectives
+from bltjax import train
 from bltjax.model import attention
-from conftest import tiny_blt_config, train_on_one_device, unigram_bpb
+from conftest import REPO, tiny_blt_config, train_on_one_device, unigram_bpb
 
 
 def _batch(seed, batch=2, length=48):
@@ -135,3 +141,32 @@ def test_tiny_bltd_learns_far_below_the_unigram_bpb(package_corpus, tmp_path):
   unigram = unigram_bpb(config.data)
   # Measured: ~3.2 bpb against a unigram entropy of ~4.7 bits after 300 steps.
   assert result["bpb"] < 0.8 * unigram, (result["bpb"], unigram)
+
+
+@pytest.mark.parametrize("block_size", [0, -4, 47, 1000])
+def test_a_block_size_a_row_cannot_hold_is_refused(tiny_corpus, capsys, block_size):
+  # Runlocal rows hold 48 bytes and a block starts 2 or more bytes into its row.
+  config = tiny_blt_config(tiny_corpus, "static,bltd4", model__diffusion__block_size=block_size)
+  message = (f"config.model.diffusion.block_size={block_size} must be in [1, 46]: a "
+             "48-byte row (config.train.seq_len) holds blocks of at most 46 bytes")
+  with pytest.raises(configs.ConfigError, match=re.escape(message)):
+    train.check_config(config)   # what train() checks before anything else
+  spec = os.path.join(REPO, "experiments", "blt_tiny.py:static,bltd4,runlocal")
+  assert cli.main(["params", "--config", spec,
+                   f"--config.model.diffusion.block_size={block_size}"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("bltjax: error: ") and message in err, err
+
+
+def test_training_with_a_zero_block_size_fails_before_anything_is_written(tiny_corpus,
+                                                                          tmp_path):
+  config = tiny_blt_config(tiny_corpus, "static,bltd4", model__diffusion__block_size=0,
+                           train__steps=1, train__eval_every=0, train__eval_batches=1)
+  with pytest.raises(configs.ConfigError, match="block_size=0 must be in"):
+    train_on_one_device(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_the_longest_block_a_row_holds_is_accepted(tiny_corpus):
+  train.check_config(tiny_blt_config(tiny_corpus, "static,bltd4",
+                                     model__diffusion__block_size=46))
