@@ -419,20 +419,37 @@ def _write_text(path: str, text: str) -> None:
   os.replace(path + ".tmp", path)
 
 
+def _has_results(workdir: str) -> bool:
+  """Whether a sweep workdir holds results: a finished run, or a training run's checkpoint."""
+  from bltjax import checkpoint  # pylint: disable=g-import-not-at-top
+  if read_results(workdir):
+    return True
+  runs = os.listdir(workdir) if os.path.isdir(workdir) else []
+  return any(checkpoint.saved_steps(os.path.join(workdir, run)) for run in runs)
+
+
 def _check_workdir(workdir: str, config) -> None:
-  """Writes `sweep_config.json`, or refuses a workdir that holds another sweep."""
+  """Writes `sweep_config.json`, or refuses a workdir that holds results of another sweep.
+
+  A workdir without results (its first runs failed) takes a new config: the saved one is
+  replaced, and the AR references of the old one (`reference.json`) are dropped."""
   path = os.path.join(workdir, SWEEP_CONFIG)
   wanted = json.loads(configs.to_json(config))
+  saved = None
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       saved = json.load(f)
-    if saved != wanted:
-      keys = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-      raise SweepError(f"{workdir} holds a sweep with another config (differs in "
-                       f"{', '.join(keys)}; see {path}); use a new --workdir, or the config "
-                       "it was made with to resume it")
-  else:
-    _write_text(path, json.dumps(wanted, indent=2, sort_keys=True) + "\n")
+  if saved == wanted:
+    return
+  if saved is not None and _has_results(workdir):
+    raise SweepError(f"{workdir} holds a sweep with another config "
+                     f"({configs.describe_differences(saved, wanted)}; see {path}); use a new "
+                     "--workdir, or the config it was made with to resume it")
+  if _is_main():
+    reference = os.path.join(workdir, REFERENCE)
+    if os.path.exists(reference):
+      os.remove(reference)
+  _write_text(path, json.dumps(wanted, indent=2, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------------

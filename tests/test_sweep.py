@@ -211,6 +211,23 @@ def get_sweep(config):
   assert not os.path.exists(tmp_path / "out")
 
 
+def test_a_sweep_with_no_finished_run_takes_a_corrected_config(tmp_path):
+  # The first sweep's run fails (no such data): its workdir holds no result, so the
+  # corrected sweep config is taken (here it fails later, on its own data path) and
+  # replaces the saved one; the stale AR references of the old config are dropped.
+  experiment = os.path.join(REPO, "experiments", "entropy_tiny.py:runlocal")
+  workdir = str(tmp_path / "out")
+  for i in (1, 2):
+    spec = write_file(tmp_path / f"sweep_{i}.py", TRAINING_SWEEP.format(
+        experiment=experiment, corpus=str(tmp_path / f"no_data_{i}")))
+    with pytest.raises(ValueError, match=f"no_data_{i}"):
+      sweep.run_sweep(spec, workdir, devices=jax.devices()[:1], progress=False)
+    with open(os.path.join(workdir, sweep.SWEEP_CONFIG)) as f:
+      assert f"no_data_{i}" in json.load(f)["overrides"][0]
+    assert not os.path.exists(os.path.join(workdir, sweep.REFERENCE))
+    write_file(tmp_path / "out" / sweep.REFERENCE, "{}")
+
+
 def test_training_sweep_records_runs_and_skips_them_on_restart(trained):
   spec, report = trained
   (record,) = report.rows
