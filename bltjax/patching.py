@@ -87,10 +87,11 @@ class EntropyModelRef:
     """Loads checkpoint `step` (None or < 0: the latest) of an entropy-model workdir."""
     ref = cls.describe(workdir)
     step = None if step is None or step < 0 else step
-    if step is not None and step not in checkpoint_steps(workdir):
+    steps = checkpoint.saved_steps(workdir)
+    if step is not None and step not in steps:
       raise configs.ConfigError(
           f"the entropy model {workdir} has no checkpoint {step} (patcher.entropy_step: the "
-          f"step the BLT was trained with; it holds {checkpoint_steps(workdir) or 'none'}): "
+          f"step the BLT was trained with; it holds {steps or 'none'}): "
           "restore that step, or set patcher.entropy_step=-1 (--config.patcher.entropy_step "
           "or the BLT's config.json) to patch with the latest one, which changes the patches")
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
@@ -107,18 +108,6 @@ class EntropyModelRef:
     return patcher_lib.entropies_from_logits(logits)
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  """The finished checkpoint steps of a workdir, ascending."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    return []
-  ckpt = checkpoint.Checkpointer(directory, async_save=False, read_only=True)
-  try:
-    return sorted(ckpt.all_steps())
-  finally:
-    ckpt.close()
-
-
 def blt_entropy_model(patcher_section: Mapping,
                       sharding: jax.sharding.Sharding | None = None) -> EntropyModelRef:
   """The entropy model that patches a BLT: `patcher.entropy_workdir` at the pinned
@@ -130,9 +119,10 @@ def blt_entropy_model(patcher_section: Mapping,
 def pin_entropy_model(config, workdir: str):
   """`config` with the BLT's patching fixed for the run in `workdir`: `patcher.threshold`
   (the calibrated one when < 0) and `patcher.entropy_step` (the entropy workdir's latest
-  step when < 0) become the values the run started with (`workdir`'s config.json, same
-  entropy workdir) or else today's. Unpinned, a BLT would be patched by whatever its
-  entropy workdir holds at each load or resume. Other configs are returned as they are."""
+  step when < 0) become the values the run started with (`workdir`'s config.json when it
+  holds checkpoints, same entropy workdir) or else today's. Unpinned, a BLT would be
+  patched by whatever its entropy workdir holds at each load or resume. Other configs are
+  returned as they are."""
   section = config.patcher
   if config.model.kind != "blt" or section.mode != "entropy" or not section.entropy_workdir:
     return config
@@ -147,7 +137,7 @@ def pin_entropy_model(config, workdir: str):
   if step < 0:
     step = started.get("entropy_step", -1)
     if step < 0:
-      steps = checkpoint_steps(section.entropy_workdir)
+      steps = checkpoint.saved_steps(section.entropy_workdir)
       if not steps:
         raise configs.ConfigError(
             f"config.patcher.entropy_workdir {section.entropy_workdir} holds no finished "
@@ -161,9 +151,9 @@ def pin_entropy_model(config, workdir: str):
 
 
 def _saved_patcher(workdir: str) -> dict:
-  """The patcher section of `workdir`'s config.json ({} when there is none)."""
+  """The patcher section of the run in `workdir` ({} when it has no checkpoint yet)."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  if not os.path.exists(path) or not checkpoint.saved_steps(workdir):
     return {}
   with open(path, encoding="utf-8") as f:
     return json.load(f).get("patcher", {})
