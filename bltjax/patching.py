@@ -152,7 +152,7 @@ def pin_entropy_model(config, workdir: str):
 
 def _saved_patcher(workdir: str) -> dict:
   """The patcher section of the run in `workdir` ({} when it has no checkpoint yet)."""
-  path = os.path.join(workdir, "config.json")
+  path = os.path.join(workdir, configs.SAVED_CONFIG)
   if not os.path.exists(path) or not checkpoint.saved_steps(workdir):
     return {}
   with open(path, encoding="utf-8") as f:
