@@ -19,7 +19,6 @@ compile apart from the run (`compile_seconds`, `decode_seconds`), and with
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import time
@@ -174,12 +173,7 @@ class Model:
 
   def _objective_for(self, length: int):
     """The training objective with a patch count for rows of `length` (no byte dropped)."""
-    if self.kind != "blt":
-      return self._objective
-    objective = copy.copy(self._objective)
-    objective.patcher_config = dataclasses.replace(self._objective.patcher_config,
-                                                   max_patches=length)
-    return objective
+    return objectives.scoring_objective(self._objective, length)
 
   def _jit(self, name: str, batch: int, length: int, make):
     key = (name, batch, length)

@@ -6,8 +6,10 @@ and globs; text, JSONL or ArrayRecord) with the Trainer's own eval step, i.e. th
 the objective's `eval_sums`, so any model kind the Trainer trains is evaluated the same
 way. Each file is packed into rows of `seq_len` like validation data; the bytes counted
 are the predicted targets (a document's bytes plus its end marker, and the next
-document's start marker). Overall bpb = total nats / total bytes / ln 2, i.e. the
-byte-weighted mean of the per-file values.
+document's start marker), every one of them: a BLT is given one patch per byte
+(`objectives.scoring_objective`, as `Model.score`), whatever training's
+`patcher.max_patches` or `--seq_len`. Overall bpb = total nats / total bytes / ln 2,
+i.e. the byte-weighted mean of the per-file values.
 
 The report is printed as a table and written (by process 0) to
 `<workdir>/eval/<name>.json`.
@@ -42,6 +44,7 @@ class FileResult:
   file: str
   bpb: float
   bytes: int
+  dropped_bytes: int = 0   # target bytes left unscored (none: eval scores every byte)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,7 @@ class EvalResult:
   files: tuple[FileResult, ...]
   bpb: float       # overall: all nats / all bytes / ln 2
   bytes: int
+  dropped_bytes: int = 0
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -136,7 +140,7 @@ def evaluate_workdir(workdir: str, data: str, *, seq_len: int | None = None,
     raise EvalError(f"{workdir} has no checkpoints yet; train it first (bltjax train "
                     f"--workdir {workdir} ...)")
   try:
-    trainer = train.Trainer(config, workdir, devices)
+    trainer = train.Trainer(config, workdir, devices, score_every_byte=True)
   except sharding.ShardingError as e:
     raise EvalError(f"{e} (for bltjax eval: pass --batch_size or --config.mesh.*)") from None
   distributed.barrier("bltjax/eval_start")   # before the checkpoint's first collective
@@ -149,12 +153,14 @@ def evaluate_workdir(workdir: str, data: str, *, seq_len: int | None = None,
     with data_cfg.unlocked():
       data_cfg.valid = glob.escape(path)
     sums = trainer.evaluate(params, max_batches, data_cfg=data_cfg)
-    results.append(FileResult(path, float(sums["bpb"]), int(round(sums["bytes"]))))
+    results.append(FileResult(path, float(sums["bpb"]), int(round(sums["bytes"])),
+                              int(round(sums["dropped_bytes"]))))
   total = sum(r.bytes for r in results)
   overall = sum(r.bpb * r.bytes for r in results) / total if total else math.nan
   return EvalResult(workdir=workdir, step=int(step), data=data, seq_len=config.train.seq_len,
                     batch_size=config.train.batch_size, max_batches=max_batches,
-                    files=tuple(results), bpb=overall, bytes=total)
+                    files=tuple(results), bpb=overall, bytes=total,
+                    dropped_bytes=sum(r.dropped_bytes for r in results))
 
 
 def format_table(result: EvalResult) -> str:
@@ -172,6 +178,9 @@ def format_table(result: EvalResult) -> str:
     if i == len(rows) - 1:
       lines.append(f"{'-' * width}  {'-' * 8}  {'-' * 12}")
     lines.append(f"{name:<{width}}  {bpb:>8}  {n:>12}")
+  if result.dropped_bytes:
+    lines.append(f"{result.dropped_bytes} target bytes could not be scored and are not in "
+                 "bpb or bytes")
   return "\n".join(lines)
 
 

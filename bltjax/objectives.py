@@ -2,13 +2,15 @@
 
 An objective owns its linen module and offers pure functions the train loop calls:
 `init(rng, batch) -> boxed params`, `loss(params, batch, rng, frozen) -> (loss,
-metrics)`, `eval_sums(params, batch, frozen) -> {"nats", "bytes"}` and
+metrics)`, `eval_sums(params, batch, frozen) -> {"nats", "bytes", "dropped"}` (CE nats
+of the target bytes scored, their count, and the count of target bytes left out) and
 `train_flops(batch_size, seq_len)`. `frozen` holds parameters that are used but not
 trained (the BLT's patcher entropy model).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -67,7 +69,7 @@ class EntropyObjective:
     logits, _ = self._forward(params, batch)
     nats, n_bytes = losses.cross_entropy_sums(logits, batch["targets"],
                                               losses.target_mask(batch["targets"]))
-    return {"nats": nats, "bytes": n_bytes}
+    return {"nats": nats, "bytes": n_bytes, "dropped": jnp.zeros_like(n_bytes)}
 
   def train_flops(self, batch_size: int, seq_len: int) -> float:
     positions = batch_size * seq_len
@@ -207,7 +209,8 @@ class BltObjective:
   def eval_sums(self, params, batch, frozen=None):
     patches = self.patches(batch, frozen)
     nats, n_bytes, _, _, _ = self._next_byte(params, batch, patches)
-    return {"nats": nats, "bytes": n_bytes}
+    targets = jnp.sum(losses.target_mask(batch["targets"]))
+    return {"nats": nats, "bytes": n_bytes, "dropped": targets - n_bytes}
 
   def train_flops(self, batch_size: int, seq_len: int) -> float:
     cfg = self.model_config
@@ -246,6 +249,21 @@ def make_objective(config: ml_collections.ConfigDict) -> Any:
   if config.model.kind not in kinds:
     raise ValueError(f"config.model.kind={config.model.kind!r} is not one of {sorted(kinds)}")
   return kinds[config.model.kind](config)
+
+
+def scoring_objective(objective: Any, length: int) -> Any:
+  """`objective` for scoring rows of `length` bytes with no byte dropped.
+
+  A BLT's `patcher.max_patches` is a training budget (e.g. 192 patches for 512-byte rows):
+  rows longer than training's, or of high-entropy bytes, need more patches, and bytes
+  past the last one would go unscored. The copy allows one patch per byte; an entropy
+  objective is returned as it is. `bltjax eval` and `Model.score` both score through it.
+  """
+  if objective.kind != "blt":
+    return objective
+  scoring = copy.copy(objective)
+  scoring.patcher_config = dataclasses.replace(objective.patcher_config, max_patches=length)
+  return scoring
 
 
 def _count(tree) -> int:

@@ -176,7 +176,11 @@ def write_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
 class Trainer:
   """Everything one training run needs, built from a config (no hidden state)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None, *,
+               score_every_byte: bool = False):
+    """`score_every_byte`: the eval step scores every target byte whatever the BLT's
+    `patcher.max_patches` (`objectives.scoring_objective`; `bltjax eval`); without it,
+    validation leaves out the bytes training's patch budget leaves out."""
     self.config = config
     self.workdir = workdir
     tcfg = config.train
@@ -186,6 +190,8 @@ class Trainer:
     sharding.check_batch(tcfg.batch_size, self.mesh, tcfg.grad_accum_steps)
     # --- Model & optimizer ------------------------------------------------------------
     self.objective = objectives.make_objective(config)
+    self.eval_objective = (objectives.scoring_objective(self.objective, tcfg.seq_len)
+                           if score_every_byte else self.objective)
     self.optimizer, self.schedule = make_optimizer(config.optim, tcfg.steps)
     self.frozen = self.objective.frozen_params(self.mesh)
     # --- Shardings of the train state (params by logical-axis rules) ------------------
@@ -216,7 +222,7 @@ class Trainer:
         in_shardings=(self.state_shardings, self.batch_sharding, frozen_shardings),
         out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
     self._jit_eval_step = jax.jit(
-        self.objective.eval_sums,
+        self.eval_objective.eval_sums,
         in_shardings=(self.state_shardings.params, self.batch_sharding, frozen_shardings),
         out_shardings=self.replicated)
 
@@ -249,7 +255,8 @@ class Trainer:
     distributed.barrier(f"bltjax/steps_compiled/{'train' if train_step else 'eval'}")
 
   def eval_step(self, params, batch, frozen):
-    """Sums of CE nats and target bytes of one batch (jitted)."""
+    """Sums of CE nats, target bytes scored and target bytes dropped of one batch
+    (jitted)."""
     with sharding.use_mesh(self.mesh):
       return self._jit_eval_step(params, batch, frozen)
 
@@ -307,31 +314,32 @@ class Trainer:
                data_cfg: ml_collections.ConfigDict | None = None) -> dict[str, float]:
     """Bits per byte of the validation split (all of it, or `max_batches` batches); for
     a `data.train` mixture validated on its held-out documents, also each source's
-    (`source_<i>/bpb`, `max_batches` each).
+    (`source_<i>/bpb`, `max_batches` each). `bytes`: the target bytes scored;
+    `dropped_bytes`: those left out (a BLT's patch budget, unless `score_every_byte`).
 
     `data_cfg` replaces `config.data` (e.g. `valid` set to another file).
     """
     data_cfg = data_cfg or self.config.data
     tcfg = self.config.train
 
-    def bpb(documents):
-      nats = n_bytes = 0.0
+    def eval_sums(documents) -> dict[str, float]:
+      total = {"nats": 0.0, "bytes": 0.0, "dropped": 0.0}
       for local in data_lib.eval_batches(
           data_cfg, seq_len=tcfg.seq_len, global_batch=tcfg.batch_size,
           process_index=jax.process_index(), process_count=jax.process_count(),
           max_batches=max_batches, documents=documents):
         sums = self.eval_step(params, sharding.make_global_batch(local, self.mesh),
                               self.frozen)
-        nats += float(sums["nats"])
-        n_bytes += float(sums["bytes"])
-      return nats / max(n_bytes, 1.0) / losses.LN2, n_bytes
+        total = {k: v + float(sums[k]) for k, v in total.items()}
+      return total
 
+    bpb = lambda sums: sums["nats"] / max(sums["bytes"], 1.0) / losses.LN2
     parts = data_lib.split_sources(data_cfg, "valid")   # opened once, for every pass
-    overall, n_bytes = bpb(data_lib.as_one_source(parts))
-    metrics = {"bpb": overall, "bytes": n_bytes}
+    sums = eval_sums(data_lib.as_one_source(parts))
+    metrics = {"bpb": bpb(sums), "bytes": sums["bytes"], "dropped_bytes": sums["dropped"]}
     if len(parts) > 1:   # a mixture validated on each source's held-out documents
       for i, part in enumerate(parts):
-        metrics[f"source_{i}/bpb"] = bpb(part)[0]
+        metrics[f"source_{i}/bpb"] = bpb(eval_sums(part))
     return metrics
 
 

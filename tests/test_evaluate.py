@@ -1,5 +1,6 @@
 """`bltjax eval`: bits per byte of a trained workdir, per file and overall."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -94,12 +95,35 @@ def test_default_names():
   assert evaluate.default_name("/data/*.txt") == "txt"
 
 
-def test_eval_of_a_blt_workdir(tiny_corpus, tmp_path):
-  """Any model kind: a BLT goes through its objective's eval_sums the same way."""
+@pytest.fixture(scope="module")
+def blt_workdir(tiny_corpus, tmp_path_factory):
+  """A tiny BLT (static patches of 4 bytes) trained with a budget of 6 patches per
+  48-byte row: rows need 13, so training leaves bytes out."""
   config = tiny_blt_config(tiny_corpus, "static", train__steps=1, train__save_every=1,
-                           train__eval_every=0, train__eval_batches=1)
-  path = str(tmp_path / "blt")
+                           train__eval_every=0, train__eval_batches=1,
+                           patcher__max_patches=6)
+  path = str(tmp_path_factory.mktemp("eval") / "blt")
   train_on_one_device(config, path)
-  result = evaluate.evaluate_workdir(path, os.path.join(tiny_corpus, "bisect.py"),
+  return path
+
+
+def test_eval_of_a_blt_workdir(blt_workdir, tiny_corpus):
+  """Any model kind: a BLT goes through its objective's eval_sums the same way."""
+  result = evaluate.evaluate_workdir(blt_workdir, os.path.join(tiny_corpus, "bisect.py"),
                                      max_batches=2, devices=jax.devices()[:1])
   assert result.bytes == 2 * 8 * 48 and 0 < result.bpb < 12
+
+
+def test_a_blt_is_scored_on_every_byte_past_its_patch_budget(blt_workdir, tiny_corpus,
+                                                             capsys):
+  """Training's patcher.max_patches (6) bounds neither eval's rows of training's length
+  nor longer ones: every target byte is scored, none reported dropped."""
+  data = os.path.join(tiny_corpus, "bisect.py")
+  for seq_len in (None, 96):
+    result = evaluate.evaluate_workdir(blt_workdir, data, seq_len=seq_len, max_batches=1,
+                                       devices=jax.devices()[:1])
+    assert result.bytes == 8 * (seq_len or 48), seq_len
+    assert result.dropped_bytes == 0 and result.files[0].dropped_bytes == 0
+  assert "could not be scored" not in evaluate.format_table(result)
+  dropped = dataclasses.replace(result, dropped_bytes=5)
+  assert "5 target bytes could not be scored" in evaluate.format_table(dropped)
