@@ -189,7 +189,7 @@ class Model:
   def _check_len(self, length: int, what: str, fix: str) -> None:
     if length > self.max_len:
       raise ValueError(f"{what} needs {length} positions > max_len={self.max_len}; {fix} "
-                       f"or load with bltjax.load(..., max_len={length})")
+                       f"or {_raise_max_len(length)}")
 
   def _encode(self, texts, *, eos: bool):
     texts = _check_texts(texts)
@@ -354,8 +354,8 @@ class Model:
       i = max(range(len(rows)), key=lambda j: len(rows[j]))
       raise ValueError(
           f"prompt {i} has {longest - 1} bytes; with max_bytes={config.max_bytes} a row needs "
-          f"{need} positions > max_len={self.max_len}; shorten it, lower max_bytes or load "
-          f"with bltjax.load(..., max_len={need})")
+          f"{need} positions > max_len={self.max_len}; shorten it, lower max_bytes or "
+          f"{_raise_max_len(need)}")
     width = _bucket(longest)
     ids = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
@@ -440,6 +440,12 @@ class Model:
     if self.patcher_config.mode != "entropy":
       return None
     return self._objective.entropy_model.module.config
+
+
+def _raise_max_len(need: int) -> str:
+  """The fix of a row longer than `max_len`, for the Python API and the CLI alike."""
+  return (f"raise max_len to {need} (bltjax.load(..., max_len={need}), or --max_len {need} "
+          "on the command line)")
 
 
 def _score_batch(ids, lengths):

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import math
 import os
-import time
 from typing import Sequence
 
 import jax
@@ -197,8 +196,10 @@ def data_config(data_cfg, data: str | None = None):
 
 
 def check_request(methods: Sequence[tuple[str, dict]], *, prompts: int, prompt_bytes: int,
-                  continuation_bytes: int, batch_size: int) -> None:
-  """Raises ValueError (naming the fix) on a bad method, option or size, before any work."""
+                  continuation_bytes: int, batch_size: int, max_len: int | None = None) -> None:
+  """Raises ValueError (naming the fix) on a bad method, option or size, before any work:
+  every method's DecodeConfig is built; with `max_len` (the positions a loaded model's
+  row may hold), a row of BOS + prompt + continuation must fit in it."""
   from bltjax import generate as generate_lib  # pylint: disable=g-import-not-at-top
   for name, value in (("prompts", prompts), ("prompt_bytes", prompt_bytes),
                       ("continuation_bytes", continuation_bytes), ("batch_size", batch_size)):
@@ -207,6 +208,11 @@ def check_request(methods: Sequence[tuple[str, dict]], *, prompts: int, prompt_b
   if batch_size > prompts:
     raise ValueError(f"batch_size={batch_size} is more than prompts={prompts}; raise prompts "
                      "or lower batch_size")
+  need = 1 + prompt_bytes + continuation_bytes
+  if max_len is not None and need > max_len:
+    raise ValueError(f"prompt_bytes={prompt_bytes} + continuation_bytes={continuation_bytes} "
+                     f"need {need} positions (BOS included) > max_len={max_len}; lower them or "
+                     f"raise max_len to {need} (--max_len {need})")
   if not methods:
     raise ValueError("no methods; pass e.g. --methods ar,blt_s")
   for method, options in methods:
@@ -250,21 +256,25 @@ def run_methods(model, items: ContinuationSet, methods: Sequence[tuple[str, dict
 def evaluate_workdir(workdir: str, data: str | None = None, *,
                      methods: Sequence[tuple[str, dict]], prompts: int, prompt_bytes: int,
                      continuation_bytes: int, batch_size: int = 1, seed: int = 0,
+                     step: int | None = None, max_len: int | None = None,
                      model=None) -> dict:
   """Continuation tasks on `data` (or the workdir's validation split): a JSON-able report.
 
   `methods`: (method, options) pairs; `seed` is the sampling seed (the items are drawn
-  with seed 0). `model`: an already loaded `bltjax.load(workdir)` (its compiled decoders
-  are reused)."""
+  with seed 0). `step`, `max_len`: for `bltjax.load` (default: the latest step, its
+  default max_len). `model`: an already loaded `bltjax.load(workdir)` (its compiled
+  decoders are reused; `step` and `max_len` are then its own)."""
   import bltjax  # pylint: disable=g-import-not-at-top
   methods = [(m, options_for(m, o)) if m in METHOD_OPTIONS else (m, o) for m, o in methods]
   check_request(methods, prompts=prompts, prompt_bytes=prompt_bytes,
-                continuation_bytes=continuation_bytes, batch_size=batch_size)
+                continuation_bytes=continuation_bytes, batch_size=batch_size,
+                max_len=max_len if model is None else model.max_len)
   if data:
     from bltjax import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.expand_files(data)   # a one-line error naming the fix for a bad --data
   if model is None:
-    model = bltjax.load(workdir)
+    limit = {} if max_len is None else {"max_len": max_len}
+    model = bltjax.load(workdir, step=step, **limit)
   if model.kind != "blt":
     raise ValueError(f"{workdir} holds an entropy model, which cannot generate; pass a BLT "
                      "workdir for continuation tasks")

@@ -197,7 +197,8 @@ def test_clear_errors(model, workdir, tmp_path):
     model.generate(["x"], method="beam")
   with pytest.raises(ValueError, match="unknown option 'blocksize'.*valid options: .*block_size"):
     model.generate(["x"], method="blt_d", blocksize=4)
-  with pytest.raises(ValueError, match=r"needs 9257 positions > max_len=8192.*max_len=9257"):
+  with pytest.raises(ValueError, match=r"needs 9257 positions > max_len=8192.*max_len=9257"
+                     r".*--max_len 9257"):
     model.generate(["x" * 9000], max_bytes=256)
   with pytest.raises(ValueError, match="block_commit"):
     model.generate(["x"], method="blt_d", block_commit="sometimes")
@@ -258,6 +259,15 @@ def test_generate_command(model, entropy_dir, tmp_path, capsys, monkeypatch):
                    "--scanned_layers"]) == 0
   assert options[-1]["unroll_layers"] is False and model.compiles == before
   capsys.readouterr()
+  # --step and --max_len reach bltjax.load; a row longer than max_len names the flag.
+  loads = []
+  monkeypatch.setattr(model, "max_len", 16)
+  monkeypatch.setattr(bltjax, "load", lambda path, **kwargs: loads.append(kwargs) or model)
+  assert cli.main(["generate", "--workdir", entropy_dir, "--prompt", "x", "--max_bytes", "20",
+                   "--step", "2", "--max_len", "16"]) == 2
+  assert loads == [dict(step=2, max_len=16)]
+  err = capsys.readouterr().err
+  assert "needs 22 positions > max_len=16;" in err and "--max_len 22 on the command line" in err
   assert cli.main(["generate", "--workdir", entropy_dir]) == 2
   assert "no prompts; pass --prompt TEXT" in capsys.readouterr().err
   assert cli.main(["generate", "--workdir", entropy_dir, "--prompt", "x",

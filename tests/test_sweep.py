@@ -15,6 +15,7 @@ import pytest
 import bltjax
 from bltjax import cli
 from bltjax import continuation
+from bltjax import evaluate
 from bltjax import sweep
 from conftest import REPO
 
@@ -345,3 +346,26 @@ def test_eval_continuation_errors(shared_model, capsys):
     assert cli.main(["eval", "--workdir", workdir, *args]) == 2, args
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_checks_continuation_options_before_the_bits_per_byte_eval(
+    shared_model, tiny_corpus, monkeypatch, capsys):
+  def no_eval(*args, **kwargs):
+    raise AssertionError("the bits-per-byte eval ran before the options were checked")
+  monkeypatch.setattr(evaluate, "evaluate_workdir", no_eval)
+  data = ["--data", os.path.join(tiny_corpus, "heapq.py"), "--continuation_bytes", "8"]
+  cases = [
+      (["--methods", "beam"], "method 'beam' is not one of"),
+      (["--methods", "blt_s", "--draft_len", "1"], "draft_len=1: need draft_len >= 2"),
+      (["--draft_len", "1"], "need draft_len >= 2"),     # given, though ar reads it not
+      (["--temperature", "-1"], "need temperature >= 0"),
+      (["--prompt_bytes", "16", "--max_len", "20"],
+       "need 25 positions (BOS included) > max_len=20; lower them or raise max_len to 25 "
+       "(--max_len 25)"),
+  ]
+  for args, message in cases:
+    assert cli.main(["eval", "--workdir", shared_model.workdir, *data, *args]) == 2, args
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+  assert cli.main(["eval", "--workdir", shared_model.workdir, *data[:2], "--max_len", "99"]) == 2
+  assert "--max_len is an option of continuation tasks" in capsys.readouterr().err
