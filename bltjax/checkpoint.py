@@ -160,9 +160,32 @@ def load_params(workdir: str, abstract_params: Any, *, step: int | None = None):
     raise FileNotFoundError(f"{workdir} has no checkpoints/ yet; train it first")
   ckpt = Checkpointer(ckpt_dir, async_save=False, read_only=True)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{ckpt_dir} holds no finished checkpoint; train it first")
+    step = checked_step(ckpt_dir, ckpt.all_steps(), step)
     return ckpt.restore_params(step, abstract_params), step
   finally:
     ckpt.close()
+
+
+def _holds_state(ckpt_dir: str, step: int) -> bool:
+  state = os.path.join(ckpt_dir, str(step), "state")
+  return os.path.isdir(state) and bool(os.listdir(state))
+
+
+def checked_step(ckpt_dir: str, steps: list[int], step: int | None = None) -> int:
+  """`step` (default: the latest of `steps`, the step folders of `ckpt_dir`), if its
+  folder holds a saved state; else a FileNotFoundError naming the steps that can load."""
+  complete = [s for s in sorted(steps) if _holds_state(ckpt_dir, s)]
+  loadable = ", ".join(map(str, complete)) or "none"
+  if step is None:
+    if not steps:
+      raise FileNotFoundError(f"{ckpt_dir} holds no finished checkpoint; train it first")
+    step = max(steps)
+  if step not in steps:
+    raise FileNotFoundError(f"{ckpt_dir} has no checkpoint of step {step}; complete steps: "
+                            f"{loadable}; load one of them (step=N, or --step N)")
+  if step not in complete:
+    raise FileNotFoundError(
+        f"checkpoint {os.path.join(ckpt_dir, str(step))} is incomplete (no saved state in "
+        f"it); remove that folder, or load a complete step ({loadable}) with step=N or "
+        "--step N")
+  return step

@@ -213,6 +213,20 @@ def test_clear_errors(model, workdir, tmp_path):
     bltjax.load(str(tmp_path / "nowhere"))
 
 
+def test_a_missing_or_incomplete_checkpoint_step_names_the_steps_that_load(workdir, tmp_path):
+  clone = tmp_path / "copy"
+  shutil.copytree(workdir, clone, ignore=shutil.ignore_patterns("eval", "tb"))
+  with pytest.raises(FileNotFoundError, match=r"has no checkpoint of step 999; complete steps: 2;"
+                     r" load one of them \(step=N, or --step N\)"):
+    bltjax.load(str(clone), step=999)
+  (clone / "checkpoints" / "5").mkdir()   # an interrupted save or copy: the latest step
+  for step in (None, 5):
+    with pytest.raises(FileNotFoundError, match=r"checkpoints/5 is incomplete .*remove that "
+                       r"folder, or load a complete step \(2\) with step=N or --step N"):
+      bltjax.load(str(clone), step=step)
+  assert bltjax.load(str(clone), step=2).step == 2
+
+
 def test_generate_command_run_again_reads_its_compiled_program_from_the_disk_cache(
     workdir, tmp_path):
   # The command compiles with XLA:CPU's own fusion emitters, as a user's would: with the
