@@ -483,9 +483,10 @@ def load(path: str, *, step: int | None = None, max_len: int = DEFAULT_MAX_LEN,
   `compiler_options`: XLA options for `generate`'s compiles, e.g.
   `{"xla_backend_optimization_level": 0}` compiles faster (tests, one-off runs on CPU).
   """
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"model directory {path!r} does not exist; pass a `bltjax train` "
-                            "workdir or a `bltjax convert` output")
+  why = checkpoint.not_a_directory(path)
+  if why:
+    raise FileNotFoundError(f"model directory {path!r} {why}; pass a `bltjax train` workdir "
+                            "or a `bltjax convert` output")
   if max_len < 2:
     raise ValueError(f"max_len={max_len} must be >= 2")
   config = checkpoint.read_config(path)

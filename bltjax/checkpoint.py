@@ -110,6 +110,13 @@ def saved_steps(workdir: str) -> list[int]:
                 and os.path.isdir(os.path.join(workdir, "checkpoints", name)))
 
 
+def not_a_directory(path: str) -> str | None:
+  """Why `path` is not a directory ("does not exist", "is a file, ..."), or None."""
+  if os.path.isdir(path):
+    return None
+  return "is a file, not a directory" if os.path.exists(path) else "does not exist"
+
+
 def read_config(workdir: str):
   """The config a workdir was trained with (`<workdir>/config.json`).
 
@@ -119,6 +126,10 @@ def read_config(workdir: str):
   `bltjax train` wrote it).
   """
   from bltjax import configs  # pylint: disable=g-import-not-at-top
+  why = not_a_directory(workdir)
+  if why:
+    raise FileNotFoundError(f"workdir {workdir!r} {why}; pass the --workdir of a `bltjax "
+                            "train` run")
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(

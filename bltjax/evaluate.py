@@ -130,9 +130,9 @@ def evaluate_workdir(workdir: str, data: str, *, seq_len: int | None = None,
   """
   if max_batches is not None and max_batches < 1:
     raise EvalError(f"--max_batches={max_batches} must be >= 1")
-  if not os.path.isdir(workdir):
-    raise EvalError(f"workdir {workdir!r} does not exist; pass the --workdir of a "
-                    "`bltjax train` run")
+  why = checkpoint.not_a_directory(workdir)
+  if why:
+    raise EvalError(f"workdir {workdir!r} {why}; pass the --workdir of a `bltjax train` run")
   files = expand_files(data)
   config = eval_config(workdir, seq_len=seq_len, batch_size=batch_size, overrides=overrides)
   ckpt_dir = os.path.join(workdir, "checkpoints")

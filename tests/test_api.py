@@ -211,6 +211,8 @@ def test_clear_errors(model, workdir, tmp_path):
     bltjax.load(str(empty))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     bltjax.load(str(tmp_path / "nowhere"))
+  with pytest.raises(FileNotFoundError, match="'.*config.json' is a file, not a directory"):
+    bltjax.load(str(empty / "config.json"))
 
 
 def test_a_missing_or_incomplete_checkpoint_step_names_the_steps_that_load(workdir, tmp_path):

@@ -77,6 +77,10 @@ def test_workdir_without_checkpoints_is_a_clear_error(workdir, tiny_corpus, tmp_
     evaluate.evaluate_workdir(str(empty), tiny_corpus)
   assert cli.main(["eval", "--workdir", str(tmp_path / "nowhere"), "--data", tiny_corpus]) == 2
   assert "does not exist; pass the --workdir of a `bltjax train` run" in capsys.readouterr().err
+  config = str(empty / "config.json")
+  assert cli.main(["eval", "--workdir", config, "--data", tiny_corpus]) == 2
+  assert (f"workdir {config!r} is a file, not a directory; pass the --workdir"
+          in capsys.readouterr().err)
 
 
 def test_missing_data_is_a_clear_error(workdir, tmp_path, capsys):
