@@ -142,7 +142,7 @@ def cmd_patch(args, overrides):
   from bltjax import patching  # pylint: disable=g-import-not-at-top
   config = _entropy_config(args.workdir, overrides)
   ref, patcher_config = patching.patcher_from_workdir(args.workdir, config.patcher)
-  texts = args.text or [patching.SAMPLE_TEXT]
+  texts = _arg_bytes(args.text) or [patching.SAMPLE_TEXT]
   for text, pieces in zip(texts, patching.patch_texts(texts, patcher_config, ref)):
     print(patching.format_patches(pieces))
     mean = sum(len(p) for p in pieces) / max(len(pieces), 1)
@@ -187,17 +187,35 @@ def format_traffic(config, patch_len: float, context: float) -> str:
   return "\n".join(lines)
 
 
-def _read_prompts(args) -> list[str]:
-  prompts = list(args.prompt or [])
+def _arg_bytes(texts: Sequence[str] | None) -> list[bytes]:
+  """Command-line texts as the bytes given: bytes that are not UTF-8 come back as they
+  were (os.fsencode undoes Python's surrogate escapes), for a model that reads bytes."""
+  return [os.fsencode(t) for t in texts or []]
+
+
+def _read_prompts(args) -> list[bytes]:
+  """--prompt texts, then the non-blank lines of --prompts, as bytes (any encoding)."""
+  prompts = _arg_bytes(args.prompt)
   if args.prompts:
+    if os.path.isdir(args.prompts):
+      raise ValueError(f"--prompts {args.prompts} is a directory; pass a text file with one "
+                       "prompt per line")
     if not os.path.isfile(args.prompts):
       raise FileNotFoundError(f"--prompts {args.prompts} does not exist; pass a text file with "
                               "one prompt per line")
-    with open(args.prompts, encoding="utf-8") as f:
-      prompts += [line.rstrip("\n") for line in f if line.strip()]
+    with open(args.prompts, "rb") as f:
+      prompts += [line for line in f.read().splitlines() if line.strip()]
   if not prompts:
     raise ValueError("no prompts; pass --prompt TEXT (repeatable) or --prompts FILE")
   return prompts
+
+
+def _shown(prompt: bytes) -> str:
+  """A prompt as the output names it: its text's repr, or its bytes' if not UTF-8."""
+  try:
+    return repr(prompt.decode("utf-8"))
+  except UnicodeDecodeError:
+    return repr(prompt)
 
 
 def cmd_generate(args, overrides):
@@ -234,7 +252,7 @@ def cmd_generate(args, overrides):
     seconds = sum(r.generation_seconds for r in runs) / len(runs)
     prefill_seconds = sum(r.prefill_seconds for r in runs) / len(runs)
     for i, (prompt, text) in enumerate(zip(prompts, out.texts)):
-      print(f"--- {method} [{i}] {prompt!r} +")
+      print(f"--- {method} [{i}] {_shown(prompt)} +")
       print(text)
     rows.append((method, out, out.num_bytes / seconds, prefill_seconds, compile_seconds))
   timing = (f"mean of {args.repeats} run(s) after a warm-up run" if args.repeats

@@ -274,7 +274,20 @@ def test_generate_command(model, entropy_dir, tmp_path, capsys, monkeypatch):
                    "--draft_len", "4", "--max_bytes", "20", "--repeats", "0",
                    "--scanned_layers"]) == 0
   assert options[-1]["unroll_layers"] is False and model.compiles == before
+  # Prompts are bytes, as given: a command line's non-UTF-8 (surrogate-escaped by Python)
+  # and a file's lines, whatever their encoding.
   capsys.readouterr()
+  prompts.write_bytes(b"\xfe\xff y\r\n\ndef greet(name):\n")
+  calls = []
+  monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(a) or generate(*a, **k))
+  assert cli.main(["generate", "--workdir", entropy_dir, "--prompt", "\udcffx", "--prompts",
+                   str(prompts), "--draft_len", "4", "--max_bytes", "20", "--repeats", "0"]) == 0
+  assert calls[-1][0] == [b"\xffx", b"\xfe\xff y", b"def greet(name):"]
+  out = capsys.readouterr().out
+  assert "--- ar [0] b'\\xffx' +" in out and "--- ar [2] 'def greet(name):' +" in out
+  assert model.compiles == before
+  assert cli.main(["generate", "--workdir", entropy_dir, "--prompts", str(tmp_path)]) == 2
+  assert f"--prompts {tmp_path} is a directory; pass a text file" in capsys.readouterr().err
   # --step and --max_len reach bltjax.load; a row longer than max_len names the flag.
   loads = []
   monkeypatch.setattr(model, "max_len", 16)

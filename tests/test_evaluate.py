@@ -10,6 +10,7 @@ import pytest
 
 from bltjax import cli
 from bltjax import evaluate
+from bltjax import patching
 from conftest import tiny_blt_config, tiny_entropy_config, train_on_one_device
 
 
@@ -91,6 +92,19 @@ def test_missing_data_is_a_clear_error(workdir, tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.startswith("bltjax: error: data path") and "--data takes" in err
   assert len(err.strip().splitlines()) == 1
+
+
+def test_patch_command_cuts_the_bytes_given(workdir, monkeypatch, capsys):
+  """Non-UTF-8 bytes of the command line (surrogate-escaped by Python) reach the patcher
+  as they were given."""
+  texts = []
+  patch_texts = patching.patch_texts
+  monkeypatch.setattr(patching, "patch_texts",
+                      lambda t, *args: texts.append(t) or patch_texts(t, *args))
+  assert cli.main(["patch", "--workdir", workdir, "--text", "\udcff\udcfeab",
+                   "--config.patcher.threshold=1.0"]) == 0
+  assert texts == [[b"\xff\xfeab"]]
+  assert "patches, mean patch length" in capsys.readouterr().out
 
 
 def test_default_names():
