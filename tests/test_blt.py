@@ -79,7 +79,6 @@ def test_next_byte_logits_never_depend_on_later_bytes(mode, entropy):
 
 def test_each_byte_reads_the_global_output_of_the_last_complete_patch():
   # The reference's worked example: [BOS, H, e, l, l, o, _, w] with patches [BOS][Hello][_w..
-  tokens = jnp.asarray(blt_bytes.encode("Hello w", add_eos=False)[None])
   starts = jnp.asarray([[1, 1, 0, 0, 0, 0, 1, 0, 0]], bool)
   layout = patcher.layout(starts, max_patches=4)
   read = decoder_lib.read_patch_ids(layout.next_patch_ids)

@@ -7,7 +7,7 @@ import pytest
 
 from bltjax import bytes as vocab
 from bltjax import data
-from bltjax.data import corpus, sources, splits
+from bltjax.data import corpus, sources
 from bltjax.data.packing import PackedRows
 
 KEYS = ("inputs", "targets", "segment_ids")
