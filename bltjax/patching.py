@@ -126,6 +126,11 @@ def pin_entropy_model(config, workdir: str):
   section = config.patcher
   if config.model.kind != "blt" or section.mode != "entropy" or not section.entropy_workdir:
     return config
+  why = checkpoint.not_a_directory(section.entropy_workdir)
+  if why:
+    raise configs.ConfigError(
+        f"config.patcher.entropy_workdir {section.entropy_workdir!r} {why}; pass the workdir "
+        "of a trained entropy model (bltjax train --config experiments/entropy_tiny.py ...)")
   started = _saved_patcher(workdir)
   if started.get("entropy_workdir") != section.entropy_workdir:
     started = {}

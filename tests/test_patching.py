@@ -110,3 +110,16 @@ def test_a_pinned_entropy_step_that_is_gone_is_named_with_the_fix(trained, tmp_p
   with pytest.raises(configs.ConfigError,
                      match=r"has no checkpoint 1 .*holds \[2\].*patcher.entropy_step=-1"):
     bltjax.load(blt_dir)
+
+
+@pytest.mark.parametrize("where", ["missing", "file"])
+def test_an_entropy_workdir_that_is_not_a_directory_is_named(where, tmp_path):
+  path = tmp_path / "entropy"
+  if where == "file":
+    path.write_text("not a workdir")
+  config = configs.load(os.path.join(REPO, "experiments", "blt_tiny.py:bltd8"))
+  configs.set_value(config, "patcher.entropy_workdir", str(path))
+  why = "does not exist" if where == "missing" else "is a file, not a directory"
+  with pytest.raises(configs.ConfigError, match=f"entropy_workdir .*{why}; pass the workdir "
+                     "of a trained entropy model"):
+    patching.pin_entropy_model(config, str(tmp_path / "blt"))
