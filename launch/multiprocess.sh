@@ -90,6 +90,7 @@ process_command() {
 }
 
 if [[ $DRY_RUN -eq 1 ]]; then
+  echo "mkdir -p $(quote "$LOG_DIR")"
   for ((i = 0; i < N; i++)); do
     process_command "$i"
     echo "$(quote "${CMD[@]}") > $(quote "$LOG_DIR/process_$i.log") 2>&1 &"

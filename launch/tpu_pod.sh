@@ -89,6 +89,13 @@ for ((i = 0; i < ${#ARGS[@]}; i++)); do
     die "bltjax workdirs are file paths; mount the bucket on every worker (gcsfuse) and" \
         "pass the mount path as --workdir"
   fi
+  # The job runs in ~/bltjax on each worker, which the next launch replaces: a relative
+  # workdir would be per-worker and deleted with it.
+  if [[ "${ARGS[$i]}" == --workdir=* && "${ARGS[$i]}" != --workdir=/* ]] \
+      || [[ "${ARGS[$i]}" == --workdir && "${ARGS[$((i + 1))]:-}" != /* ]]; then
+    die "--workdir must be an absolute path every worker shares (NFS, Filestore, gcsfuse):" \
+        "a relative one lands in ~/bltjax on each worker, which the next launch deletes"
+  fi
 done
 [[ -n "$LOG_DIR" ]] || LOG_DIR="tpu_logs/$TPU"
 

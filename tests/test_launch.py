@@ -69,8 +69,9 @@ def test_multiprocess_dry_run_prints_one_command_per_process():
              "--dry_run", env={"PYTHON": "python"})
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.strip().splitlines()
+  assert lines[0] == "mkdir -p /tmp/w/logs"   # pasted as a script, the logs have a folder
   assert lines[-1] == "wait"
-  assert lines[:3] == [
+  assert lines[1:4] == [
       f"env BLTJAX_COORDINATOR=127.0.0.1:12345 BLTJAX_NUM_PROCESSES=3 BLTJAX_PROCESS_ID={i} "
       "JAX_NUM_CPU_DEVICES=2 JAX_PLATFORMS=cpu python -m bltjax.cli train --config "
       "experiments/entropy_tiny.py:runlocal --workdir /tmp/w "
@@ -174,6 +175,8 @@ def test_tpu_dry_run_prints_the_gcloud_commands():
     (["--tpu=t", "--zone=z"], {"GCLOUD": "/nonexistent/gcloud"},
      "'/nonexistent/gcloud' not found; install the Google Cloud SDK"),
     (["--tpu=t", "--zone=z", "--workdir", "gs://b/run"], {}, "mount the bucket"),
+    (["--tpu=t", "--zone=z", "--workdir", "runs/x"], {}, "--workdir must be an absolute"),
+    (["--tpu=t", "--zone=z", "--workdir=runs/x"], {}, "lands in ~/bltjax on each worker"),
 ])
 def test_tpu_missing_tool_or_variable_is_a_clear_error(args, env, message):
   proc = run("tpu_pod.sh", *args, env=env)
