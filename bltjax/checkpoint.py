@@ -172,9 +172,29 @@ def load_params(workdir: str, abstract_params: Any, *, step: int | None = None):
   ckpt = Checkpointer(ckpt_dir, async_save=False, read_only=True)
   try:
     step = checked_step(ckpt_dir, ckpt.all_steps(), step)
-    return ckpt.restore_params(step, abstract_params), step
+    where = os.path.join(ckpt_dir, str(step))
+    try:
+      params = ckpt.restore_params(step, abstract_params)
+    except (ValueError, TypeError) as e:   # orbax: a stored shape or dtype that does not fit
+      raise CheckpointMismatchError(
+          f"checkpoint {where} holds another model's params ({str(e).split('. ')[0]}); "
+          "load it with the config it was trained with") from None
+    # A partial restore leaves the params the checkpoint lacks as their abstract shapes.
+    missing = [jax.tree_util.keystr(path) for path, leaf
+               in jax.tree_util.tree_leaves_with_path(params)
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:
+      more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+      raise CheckpointMismatchError(
+          f"checkpoint {where} holds another model's params: {missing[0]}{more} not in it; "
+          "load it with the config it was trained with")
+    return params, step
   finally:
     ckpt.close()
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose params are not those of the model asked for."""
 
 
 def _holds_state(ckpt_dir: str, step: int) -> bool:

@@ -366,6 +366,15 @@ def _first_non_finite(pending: list[dict[str, jax.Array]], first_step: int):
   return None
 
 
+def _load_initial_params(source: str, abstract_params):
+  """(params, step) of `config.train.init_params_from`; a source that is not this model's
+  is a ConfigError naming it."""
+  try:
+    return checkpoint_lib.load_params(source, abstract_params)
+  except (FileNotFoundError, checkpoint_lib.CheckpointMismatchError) as e:
+    raise configs.ConfigError(f"config.train.init_params_from={source}: {e}") from None
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | None = None,
           devices=None) -> dict[str, float]:
   """Trains (or resumes) the run in `workdir`; returns the last validation metrics.
@@ -384,6 +393,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
       config.data, seq_len=tcfg.seq_len, global_batch=tcfg.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
   data_lib.split_sources(config.data, "valid")   # DataError when it holds no document
+  initial_params = None
+  if tcfg.init_params_from and not checkpoint_lib.saved_steps(workdir):
+    initial_params = _load_initial_params(tcfg.init_params_from, trainer.abstract_state.params)
   write_workdir_config(workdir, config)
   distributed.barrier("bltjax/train_start")   # before the checkpoint's first collective
   is_main = jax.process_index() == 0
@@ -396,9 +408,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
     state = ckpt.restore_state(start_step, trainer.abstract_state)
   else:
     state = trainer.init_state(jax.random.PRNGKey(config.seed))
-    if tcfg.init_params_from:
-      params, from_step = checkpoint_lib.load_params(tcfg.init_params_from,
-                                                     trainer.abstract_state.params)
+    if initial_params is not None:
+      params, from_step = initial_params
       state = dataclasses.replace(state, params=params)
       if jax.process_index() == 0:
         print(f"initialised params from {tcfg.init_params_from} (step {from_step})")

@@ -222,6 +222,32 @@ def test_a_workdir_without_checkpoints_takes_a_new_config(tiny_corpus, tmp_path)
   assert os.listdir(workdir / "checkpoints") == ["1"]
 
 
+def test_params_of_another_model_are_named_not_restored(tmp_path):
+  """load_params: a checkpoint lacking a param, or holding it in another shape, is an
+  error naming the checkpoint (a partial restore used to hand back abstract leaves)."""
+  checkpoint.save_params(str(tmp_path), {"a": np.ones((4, 3), np.float32)})
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32, sharding=device)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"\['b'\] not in it"):
+    checkpoint.load_params(str(tmp_path), {"a": spec(4, 3), "b": spec(2)})
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=r"Requested shape: \(5, 3\) .*stored shape: \(4, 3\)\); load it"):
+    checkpoint.load_params(str(tmp_path), {"a": spec(5, 3)})
+
+
+def test_init_params_from_another_model_fails_before_anything_is_written(tiny_corpus,
+                                                                          tmp_path):
+  entropy_dir = str(tmp_path / "entropy")
+  train_on_one_device(tiny_entropy_config(tiny_corpus, train__steps=1, train__eval_every=0,
+                                          train__eval_batches=1), entropy_dir)
+  config = tiny_blt_config(tiny_corpus, "static", train__steps=1,
+                           train__init_params_from=entropy_dir)
+  with pytest.raises(configs.ConfigError, match=r"^config.train.init_params_from=.*entropy: "
+                     r"checkpoint .* holds another model's params"):
+    train_on_one_device(config, str(tmp_path / "blt"))
+  assert not (tmp_path / "blt").exists()
+
+
 def _one_file(tmp_path, text: str) -> str:
   path = tmp_path / "one.txt"
   path.write_text(text)
