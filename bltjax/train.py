@@ -505,7 +505,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
         writer.print(f"workdir already holds step {start_step} >= train.steps={tcfg.steps}; "
                      "raise --config.train.steps to train further")
         eval_metrics = trainer.evaluate(state.params, tcfg.eval_batches or None)
-        writer.write(start_step, eval_metrics, prefix="valid")
+        # Shown, not recorded: the run's metrics already hold its last evaluation.
+        writer.write(start_step, eval_metrics, prefix="valid", record=False)
   finally:
     profiler.close()
     ckpt.close()

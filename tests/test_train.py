@@ -37,11 +37,20 @@ def test_resume_continues_with_exactly_the_losses_of_a_straight_run(tiny_corpus,
   train_on_one_device(tiny_entropy_config(tiny_corpus, **dict(overrides, train__steps=3)),
                       resumed)
   assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["3"]
+  # Rows a killed run logged past its last checkpoint (the resumed run logs them again),
+  # the last one half written.
+  with open(os.path.join(resumed, "metrics.jsonl"), "a", encoding="utf-8") as f:
+    f.write(json.dumps({"step": 4, "train/loss": 9.0}) + "\n" + '{"step": 5, "tra')
   # Same command with the full step count: resumes at 3 (the schedule is that of 6 steps).
   train_on_one_device(tiny_entropy_config(tiny_corpus, **overrides), resumed)
 
   a, b = _losses(straight), _losses(resumed)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+  assert logged_train_steps(resumed) == [1, 2, 3, 4, 5, 6]   # each step once
+  # Run again once finished: it evaluates and says so, and records nothing new.
+  rows = metrics.read_jsonl(os.path.join(resumed, "metrics.jsonl"))
+  train_on_one_device(tiny_entropy_config(tiny_corpus, **overrides), resumed)
+  assert metrics.read_jsonl(os.path.join(resumed, "metrics.jsonl")) == rows
   np.testing.assert_array_equal([a[s] for s in (4, 5, 6)], [b[s] for s in (4, 5, 6)])
 
 
