@@ -276,7 +276,7 @@ class Trainer:
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                   lr=self.schedule(state.step))
+                   param_norm=optax.global_norm(params), lr=self.schedule(state.step))
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new_state, metrics
 
@@ -360,10 +360,34 @@ def _out_of_time(run_start: float, budget_s: float) -> bool:
 
 
 def _first_non_finite(pending: list[dict[str, jax.Array]], first_step: int):
-  for i, loss in enumerate(jax.device_get([m["loss"] for m in pending])):
-    if not math.isfinite(float(loss)):
-      return first_step + i, float(loss)
+  """(step, name, value) of the first non-finite loss (computed on the params before the
+  step's update) or param norm (after it) of the steps `pending` holds, or None."""
+  fetched = jax.device_get([(m["loss"], m["param_norm"]) for m in pending])
+  for i, (loss, param_norm) in enumerate(fetched):
+    for name, value in (("loss", float(loss)), ("param_norm", float(param_norm))):
+      if not math.isfinite(value):
+        return first_step + i, name, value
   return None
+
+
+def _non_finite_message(bad, saved_steps: list[int], directory: str) -> str:
+  """What went wrong at which step, and which checkpoint to resume from."""
+  step, name, value = bad
+  if name == "loss":   # computed on the params the previous step's update made
+    what, broken = f"the loss became {value} at step {step}", step - 1
+  else:
+    what, broken = f"the update of step {step} made the params {value} (param_norm)", step
+  good = [s for s in saved_steps if s < broken]
+  if broken in saved_steps:
+    where = (f"Checkpoint {broken} holds the params that did it: move {directory}/{broken} "
+             f"aside to resume from step {good[-1]}" if good else
+             f"Checkpoint {broken} holds the params that did it and no earlier one exists: "
+             f"start again in a new workdir")
+  else:
+    where = (f"The last good checkpoint is step {good[-1]} in {directory}" if good
+             else "No checkpoint was saved before it")
+  return (f"{what}; training stopped before saving it. {where}; lower optim.lr or check the "
+          "data, then re-run")
 
 
 def _load_initial_params(source: str, abstract_params):
@@ -437,7 +461,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
   # --- Train loop ------------------------------------------------------------------------
   pending: list[dict[str, jax.Array]] = []
   pending_start = start_step
-  last_saved = start_step or None
   window_start_time, window_steps = None, 0
   eval_metrics: dict[str, float] = {}
 
@@ -445,10 +468,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
     bad = _first_non_finite(pending, pending_start + 1)
     if bad is not None:
       ckpt.wait()
-      raise NonFiniteLossError(
-          f"loss became {bad[1]} at step {bad[0]}; training stopped before saving it. The "
-          f"last good checkpoint is step {last_saved} in {ckpt.directory}; lower optim.lr "
-          "or check the data, then re-run to resume from it")
+      raise NonFiniteLossError(_non_finite_message(bad, ckpt.all_steps(), ckpt.directory))
 
   # The time budget counts training from the end of the first step: not the compilation
   # (compile_steps, minutes on a GPU), nor the first run's one-time setup (collectives).
@@ -491,7 +511,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
         if done % tcfg.save_every == 0 or is_last:
           check_pending()
           ckpt.save(done, state, data_iter)
-          last_saved = done
         if preempted:   # the grace period is for saving (the finally waits), not evaluating
           raise TrainingPreempted(done, ckpt.directory)
         if (tcfg.eval_every and done % tcfg.eval_every == 0) or is_last:
