@@ -519,6 +519,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
           writer.write(done, eval_metrics, prefix="valid")
           window_start_time, window_steps = time.perf_counter(), 0
         if is_last:
+          if done < tcfg.steps:   # stopped by train.time_budget_s
+            writer.print(f"train.time_budget_s={tcfg.time_budget_s:g} spent at step {done} of "
+                         f"{tcfg.steps}; step {done} is saved: re-run to train on")
           break
       if start_step >= tcfg.steps:
         writer.print(f"workdir already holds step {start_step} >= train.steps={tcfg.steps}; "

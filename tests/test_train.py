@@ -86,7 +86,8 @@ def test_non_finite_message_names_the_checkpoint_to_resume_from():
       (2, "loss", math.nan), [1])
 
 
-def test_time_budget_stops_after_training_time_and_saves_the_last_step(tiny_corpus, tmp_path):
+def test_time_budget_stops_after_training_time_and_saves_the_last_step(tiny_corpus, tmp_path,
+                                                                      capsys):
   workdir = str(tmp_path / "budget")
   # Compiling the first step takes seconds here: the budget must not count it, so the run
   # trains beyond that step, then stops on time long before `steps` and saves where it was.
@@ -96,6 +97,8 @@ def test_time_budget_stops_after_training_time_and_saves_the_last_step(tiny_corp
   train_on_one_device(config, workdir)
   last = max(_losses(workdir))
   assert 2 <= last < 100_000
+  assert (f"train.time_budget_s=0.5 spent at step {last} of 100000; step {last} is saved"
+          in capsys.readouterr().out)
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(last)]
 
 
