@@ -208,8 +208,12 @@ def _write_safetensors(directory: str, tensors: Mapping[str, np.ndarray],
     with open(os.path.join(directory, "model.safetensors.index.json"), "w",
               encoding="utf-8") as f:
       json.dump(index, f, indent=2, sort_keys=True)
+  umask = os.umask(0)
+  os.umask(umask)
   for file_name, shard in zip(names, shards):
-    save_file(shard, os.path.join(directory, file_name), metadata={"format": "pt"})
+    path = os.path.join(directory, file_name)
+    save_file(shard, path, metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~umask)   # save_file leaves its temporary file's 0600
   return tuple(names)
 
 

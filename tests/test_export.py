@@ -150,6 +150,9 @@ def test_large_models_are_written_in_shards_with_an_index(tmp_path):
   with open(tmp_path / "hf" / "model.safetensors.index.json", encoding="utf-8") as f:
     weight_map = json.load(f)["weight_map"]
   assert set(weight_map.values()) == set(result.files)
+  # Readable like the config beside them (safetensors wrote its files 0600).
+  mode = lambda name: os.stat(tmp_path / "hf" / name).st_mode & 0o777
+  assert {mode(name) for name in result.files} == {mode("config.json")}
   # The converter reads shards through the index: the same model as the fixture.
   whole = convert.convert_arrays(os.path.join(FIXTURES, "k3_maxpatch"))
   sharded = convert.convert_arrays(str(tmp_path / "hf"))
