@@ -429,6 +429,29 @@ def test_errors_name_the_file_and_the_fix(tmp_path):
     data.split_source(data_config(train=str(empty), format="csv"), "train")
 
 
+def test_a_file_in_a_data_directory_that_is_not_data_is_named_with_how_to_leave_it_out(
+    tmp_path):
+  (tmp_path / "train.jsonl").write_text('{"text": "a document"}\n')
+  (tmp_path / "dataset_info.json").write_text('{\n  "name": "my corpus"\n}\n')
+  with pytest.raises(data.DataError, match=r"dataset_info\.json:1 is not valid JSON .*"
+                     r"dataset_info\.json was found under data path '.*': if it is not training "
+                     r"data, move it out, or name the data files alone \(a glob such as "
+                     r"DIR/\*\.jsonl\)$"):
+    data.open_source(str(tmp_path))
+  assert len(data.open_source(str(tmp_path / "*.jsonl"))) == 1
+
+
+@pytest.mark.parametrize("name", ["corpus.txt.gz", "shard-0.parquet", "dump.tar"])
+def test_compressed_or_columnar_files_are_not_read_as_text(tmp_path, name):
+  (tmp_path / name).write_bytes(b"\x1f\x8b\x08\x00 encoded bytes")
+  with pytest.raises(data.DataError, match=f"{name} is a compressed, archive or columnar "
+                     "file.*decompress or convert it.*or set data.format=text"):
+    data.open_source(str(tmp_path / name))
+  # Asked for by name as text, its bytes are read as they are.
+  source = data.open_source(str(tmp_path / name), format="text")
+  assert source.document(0) == b"\x1f\x8b\x08\x00 encoded bytes"
+
+
 def test_default_data_config_keys():
   config = data.default_data_config()
   assert set(config.keys()) == {"train", "train_weights", "valid", "format", "text_field",

@@ -29,6 +29,10 @@ import numpy as np
 FORMATS = ("auto", "text", "jsonl", "arrayrecord")
 _JSONL_SUFFIXES = (".jsonl", ".json")
 _ARRAYRECORD_SUFFIXES = (".arrayrecord", ".array_record")
+# Compressed, archive and columnar files: "auto" refuses them rather than train on their
+# encoded bytes (a byte-level model would learn the compressor's output).
+_ENCODED_SUFFIXES = (".gz", ".tgz", ".bz2", ".xz", ".zst", ".zstd", ".lz4", ".zip", ".tar",
+                     ".7z", ".parquet", ".arrow")
 
 
 class DataError(ValueError):
@@ -341,6 +345,11 @@ def file_format(path: str, format: str = "auto") -> str:  # pylint: disable=rede
     return "jsonl"
   if lowered.endswith(_ARRAYRECORD_SUFFIXES):
     return "arrayrecord"
+  if lowered.endswith(_ENCODED_SUFFIXES):
+    raise DataError(
+        f"{path} is a compressed, archive or columnar file, whose encoded bytes a byte-level "
+        "model would train on as text; decompress or convert it (text, JSONL or "
+        "ArrayRecord), or set data.format=text to train on its bytes as they are")
   return "text"
 
 
@@ -355,16 +364,25 @@ def open_source(spec: str, *, format: str = "auto",  # pylint: disable=redefined
   if not spec.strip():
     raise DataError("empty data path; set data.train (or data.valid) to files, "
                     "directories or globs")
+  named = {os.path.abspath(os.path.expanduser(item.strip())) for item in spec.split(",")}
   sources, text_run = [], []
   for path in expand_paths(spec):
-    kind = file_format(path, format)
-    if kind == "text":
-      text_run.append(path)
-      continue
-    if text_run:
-      sources.append(TextFiles(text_run))
-      text_run = []
-    sources.append(JsonlFile(path, text_field) if kind == "jsonl" else ArrayRecordFile(path))
+    try:
+      kind = file_format(path, format)
+      if kind == "text":
+        text_run.append(path)
+        continue
+      if text_run:
+        sources.append(TextFiles(text_run))
+        text_run = []
+      sources.append(JsonlFile(path, text_field) if kind == "jsonl" else ArrayRecordFile(path))
+    except DataError as e:
+      if os.path.abspath(path) in named:
+        raise
+      # Found in a directory or by a glob: it may be no data at all (a dataset's metadata).
+      raise DataError(f"{e}. {path} was found under data path {spec!r}: if it is not "
+                      "training data, move it out, or name the data files alone (a glob such "
+                      "as DIR/*.jsonl)") from None
   if text_run:
     sources.append(TextFiles(text_run))
   source = sources[0] if len(sources) == 1 else Concatenated(sources)
