@@ -9,6 +9,7 @@ line (`bltjax: error: ...`) with exit status 2. Compiled programs are cached on 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Sequence
@@ -103,6 +104,7 @@ def _continuation_request(args) -> dict | None:
                batch_size=1 if args.batch_size is None else args.batch_size,
                max_len=DEFAULT_MAX_LEN if args.max_len is None else args.max_len)
   continuation.check_request(**tasks)
+  continuation.check_options(methods, options)
   return dict(tasks, seed=args.seed)
 
 
@@ -220,6 +222,7 @@ def _shown(prompt: bytes) -> str:
 
 def cmd_generate(args, overrides):
   import bltjax  # pylint: disable=g-import-not-at-top
+  from bltjax import continuation  # pylint: disable=g-import-not-at-top
   from bltjax.generate import cost  # pylint: disable=g-import-not-at-top
   if overrides:
     raise configs.ConfigError("bltjax generate takes no --config.* overrides; use its own "
@@ -227,13 +230,12 @@ def cmd_generate(args, overrides):
   if args.repeats < 0:
     raise ValueError(f"--repeats={args.repeats} must be >= 0")
   prompts = _read_prompts(args)
-  options = {k: getattr(args, k) for k in ("block_size", "alpha", "gamma", "draft_len",
-                                           "block_commit", "gate", "temperature", "top_p",
-                                           "attention_impl", "unmask_impl")
+  options = {k: getattr(args, k) for k in DECODE_OPTIONS + ("attention_impl", "unmask_impl")
              if getattr(args, k) is not None}
   if args.scanned_layers:
     options["unroll_layers"] = False
   methods = list(dict.fromkeys(args.method or ["ar"]))
+  continuation.check_options(methods, options)
   model = bltjax.load(args.workdir, step=args.step, max_len=args.max_len)
   for method in methods:  # every option checked before any compile
     model.decode_config(method, args.max_bytes, **options)
@@ -305,6 +307,37 @@ def cmd_demo(args, overrides):
   demo.run(args.workdir, steps=args.steps, overrides=overrides)
 
 
+def _add_decode_options(group) -> None:
+  """The decoding options of `generate` and of `eval`'s continuation tasks (DESIGN §7),
+  their defaults those of `DecodeConfig`."""
+  from bltjax import generate  # pylint: disable=g-import-not-at-top
+  from bltjax.generate.diffusion import BLOCK_COMMITS  # pylint: disable=g-import-not-at-top
+  default = {f.name: f.default for f in dataclasses.fields(generate.DecodeConfig)}
+  group.add_argument("--block_size", type=int, default=None,
+                     help=f"BLT-D / BLT-H block size B (default {default['block_size']})")
+  group.add_argument("--alpha", type=float, default=None,
+                     help="BLT-D / BLT-H confidence rule: a decoder step reveals the masked "
+                     "bytes of probability >= alpha, and always the likeliest one; 0 reveals "
+                     f"a block at once, > 1 one byte per step (default {default['alpha']})")
+  group.add_argument("--gamma", type=float, default=None,
+                     help="BLT-D / BLT-H entropy-bounded rule instead of alpha: a step "
+                     "reveals the lowest-entropy masked bytes while their entropies' sum less "
+                     "their largest stays <= gamma nats, at least one (default: off)")
+  group.add_argument("--draft_len", type=int, default=None,
+                     help=f"BLT-S / BLT-DV draft length k (default {default['draft_len']})")
+  group.add_argument("--block_commit", choices=BLOCK_COMMITS, default=None,
+                     help="BLT-D: end a patch at the block end, or keep up to the last "
+                     f"boundary (default {default['block_commit']})")
+  group.add_argument("--gate", type=float, default=None,
+                     help="BLT-H: mean confidence a block's one-step draft needs to be "
+                     "decoded by BLT-D; below it the row emits one AR byte (default "
+                     f"{default['gate']})")
+  group.add_argument("--temperature", type=float, default=None,
+                     help="sampling temperature; 0: greedy (default 0)")
+  group.add_argument("--top_p", type=float, default=None,
+                     help="nucleus sampling mass, with --temperature > 0 (default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="bltjax", description=__doc__.split("\n")[0],
@@ -346,14 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--prompts", type=int, default=None, help="how many prompts (default 16)")
   g.add_argument("--methods", default=None,
                  help=f"comma-separated, of {','.join(METHODS)} (default ar)")
-  g.add_argument("--block_size", type=int, default=None, help="BLT-D / BLT-H block size B")
-  g.add_argument("--alpha", type=float, default=None, help="BLT-D confidence threshold")
-  g.add_argument("--gamma", type=float, default=None, help="BLT-D entropy bound (EB rule)")
-  g.add_argument("--draft_len", type=int, default=None, help="BLT-S / BLT-DV draft length k")
-  g.add_argument("--block_commit", choices=BLOCK_COMMITS, default=None)
-  g.add_argument("--gate", type=float, default=None, help="BLT-H confidence gate")
-  g.add_argument("--temperature", type=float, default=None, help="0: greedy (default)")
-  g.add_argument("--top_p", type=float, default=None)
+  _add_decode_options(g)
   g.add_argument("--seed", type=int, default=0, help="sampling seed")
   g.add_argument("--max_len", type=int, default=None,
                  help="positions a row may hold: BOS + prompt + generated bytes "
@@ -404,19 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
   p.add_argument("--prompts", default=None,
                  help="text file, one prompt per line (blank lines skipped)")
-  p.add_argument("--max_bytes", type=int, default=128, help="bytes to generate per prompt")
-  p.add_argument("--block_size", type=int, default=None, help="BLT-D / BLT-H block size B")
-  p.add_argument("--alpha", type=float, default=None, help="BLT-D confidence threshold")
-  p.add_argument("--gamma", type=float, default=None,
-                 help="BLT-D entropy bound (EB rule instead of alpha)")
-  p.add_argument("--draft_len", type=int, default=None, help="BLT-S / BLT-DV draft length k")
-  p.add_argument("--block_commit", choices=BLOCK_COMMITS, default=None,
-                 help="BLT-D: end a patch at the block end, or keep up to the last boundary")
-  p.add_argument("--gate", type=float, default=None,
-                 help="BLT-H: mean confidence needed to diffuse a block")
-  p.add_argument("--temperature", type=float, default=None, help="0: greedy (default)")
-  p.add_argument("--top_p", type=float, default=None)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--max_bytes", type=int, default=128,
+                 help="bytes to generate per prompt (default 128)")
+  _add_decode_options(p)
+  p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
   p.add_argument("--attention_impl", choices=ATTENTION_IMPLS, default=None,
                  help="decoding attention over the KV caches: xla, or pallas (one kernel per "
                  "layer and step, pallas_kernels/diffusion); default: as the model was "
@@ -428,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="decode stacks trained with model.scan_layers scanned (default: "
                  "unrolled, faster per byte but slower to compile)")
   p.add_argument("--repeats", type=int, default=1,
-                 help="timed runs after the first (warm-up) run; 0: time the first run")
+                 help="timed runs after the first (warm-up) run; 0: time the first run "
+                 "(default 1)")
   p.set_defaults(fn=cmd_generate)
 
   p = sub.add_parser("convert", help="import a Hugging Face BLT checkpoint (BltForCausalLM)")

@@ -159,6 +159,27 @@ def options_for(method: str, options: dict) -> dict:
   return out
 
 
+def check_options(methods: Sequence[str], options: dict) -> None:
+  """Raises ValueError (naming the fix) on decoding options a user asked for that would
+  not act as asked on `methods`: alpha and gamma together (each picks BLT-D's unmasking
+  rule), top_p without a temperature (greedy decoding ignores it), or an option that
+  none of `methods` reads. Sweeps set options for grids of methods and use
+  `options_for` instead, which drops what a method does not read."""
+  given = {k: v for k, v in options.items() if v is not None}
+  if "alpha" in given and "gamma" in given:
+    raise ValueError(f"alpha {given['alpha']} and gamma {given['gamma']} both given: each "
+                     "picks BLT-D's unmasking rule (alpha: confidence, gamma: entropy bounded); "
+                     "pass one of them")
+  if "top_p" in given and not given.get("temperature"):
+    raise ValueError(f"top_p {given['top_p']} applies to sampling, and without a temperature "
+                     "decoding is greedy; pass a temperature > 0 too, or leave top_p out")
+  for name in given:
+    readers = [m for m in METHOD_OPTIONS if name in METHOD_OPTIONS[m]]
+    if name not in SHARED_OPTIONS and readers and not set(readers) & set(methods):
+      raise ValueError(f"{name} is read by {', '.join(readers)}, not by the methods asked for "
+                       f"({', '.join(methods)}); leave it out, or add one of those methods")
+
+
 def label(method: str, options: dict) -> str:
   """A short name: `blt_d B=8 a=0.7`."""
   parts = [method]
@@ -223,7 +244,8 @@ def check_request(methods: Sequence[tuple[str, dict]], *, prompts: int, prompt_b
     if unknown:
       raise ValueError(f"unknown decoding option {unknown[0]!r}; valid options: "
                        f"{', '.join(sorted(fields - {'method', 'max_bytes'}))}")
-    generate_lib.DecodeConfig(method=method, max_bytes=continuation_bytes, **options)
+    generate_lib.DecodeConfig(method=method, max_bytes=continuation_bytes,
+                              **options_for(method, options))
 
 
 def run_methods(model, items: ContinuationSet, methods: Sequence[tuple[str, dict]], *,

@@ -197,6 +197,9 @@ def test_clear_errors(model, workdir, tmp_path):
     model.generate(["x"], method="beam")
   with pytest.raises(ValueError, match="unknown option 'blocksize'.*valid options: .*block_size"):
     model.generate(["x"], method="blt_d", blocksize=4)
+  with pytest.raises(ValueError, match="alpha=0.5 and gamma=1.0 both given: each picks BLT-D's "
+                     "unmasking rule"):
+    model.generate(["x"], method="blt_d", alpha=0.5, gamma=1.0)
   with pytest.raises(ValueError, match=r"needs 9257 positions > max_len=8192.*max_len=9257"
                      r".*--max_len 9257"):
     model.generate(["x" * 9000], max_bytes=256)
@@ -271,8 +274,8 @@ def test_generate_command(model, entropy_dir, tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(model, "generate", lambda *a, **k: options.append(k) or generate(*a, **k))
   before = model.compiles
   assert cli.main(["generate", "--workdir", entropy_dir, "--prompts", str(prompts),
-                   "--draft_len", "4", "--max_bytes", "20", "--repeats", "0",
-                   "--scanned_layers"]) == 0
+                   "--method", "blt_s", "--draft_len", "4", "--max_bytes", "20", "--repeats",
+                   "0", "--scanned_layers"]) == 0
   assert options[-1]["unroll_layers"] is False and model.compiles == before
   # Prompts are bytes, as given: a command line's non-UTF-8 (surrogate-escaped by Python)
   # and a file's lines, whatever their encoding.
@@ -281,10 +284,11 @@ def test_generate_command(model, entropy_dir, tmp_path, capsys, monkeypatch):
   calls = []
   monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(a) or generate(*a, **k))
   assert cli.main(["generate", "--workdir", entropy_dir, "--prompt", "\udcffx", "--prompts",
-                   str(prompts), "--draft_len", "4", "--max_bytes", "20", "--repeats", "0"]) == 0
+                   str(prompts), "--method", "blt_s", "--draft_len", "4", "--max_bytes", "20",
+                   "--repeats", "0"]) == 0
   assert calls[-1][0] == [b"\xffx", b"\xfe\xff y", b"def greet(name):"]
   out = capsys.readouterr().out
-  assert "--- ar [0] b'\\xffx' +" in out and "--- ar [2] 'def greet(name):' +" in out
+  assert "--- blt_s [0] b'\\xffx' +" in out and "--- blt_s [2] 'def greet(name):' +" in out
   assert model.compiles == before
   assert cli.main(["generate", "--workdir", entropy_dir, "--prompts", str(tmp_path)]) == 2
   assert f"--prompts {tmp_path} is a directory; pass a text file" in capsys.readouterr().err
@@ -299,6 +303,6 @@ def test_generate_command(model, entropy_dir, tmp_path, capsys, monkeypatch):
   assert "needs 22 positions > max_len=16;" in err and "--max_len 22 on the command line" in err
   assert cli.main(["generate", "--workdir", entropy_dir]) == 2
   assert "no prompts; pass --prompt TEXT" in capsys.readouterr().err
-  assert cli.main(["generate", "--workdir", entropy_dir, "--prompt", "x",
-                   "--block_commit", "forced", "--draft_len", "1"]) == 2
+  assert cli.main(["generate", "--workdir", entropy_dir, "--prompt", "x", "--method", "blt_s",
+                   "--draft_len", "1"]) == 2
   assert "draft_len >= 2" in capsys.readouterr().err

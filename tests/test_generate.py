@@ -2,6 +2,7 @@
 for byte; BLT-D's unmasking rules and NFE counters; prefill and AR steps agree."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from bltjax import bytes as blt_bytes
+from bltjax import continuation
 from bltjax import generate
 from bltjax.generate import ar
 from bltjax.model import blt, entropy_model, layers, patcher
@@ -200,6 +202,48 @@ def test_unknown_unmask_impl_is_named():
 def test_out_of_range_decode_option_is_named(field, value, least):
   with pytest.raises(ValueError, match=f"^{field}={value}: need {field} >= {least}$"):
     generate.DecodeConfig(**{field: value})
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(alpha=-0.1), "alpha=-0.1: need alpha >= 0"),
+    (dict(gamma=float("nan")), "gamma=nan: need gamma >= 0"),
+    (dict(gate=-1.0), "gate=-1.0: need gate >= 0"),
+    (dict(temperature=float("inf")), "need temperature >= 0 (finite)"),
+    (dict(top_p=0.9), "top_p=0.9 applies to sampling, and temperature=0 decodes greedily"),
+])
+def test_decode_knob_out_of_range_is_named(options, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    generate.DecodeConfig(method="blt_h", **options)
+
+
+def test_decode_knobs_at_their_meaningful_extremes_are_accepted():
+  # alpha > 1: one byte per step; gamma = inf: a block at once; gate > 1: never diffuse.
+  generate.DecodeConfig(method="blt_h", alpha=1.5, gate=1.5)
+  generate.DecodeConfig(method="blt_d", gamma=float("inf"), temperature=0.5, top_p=0.9)
+
+
+@pytest.mark.parametrize("methods, options, message", [
+    (["blt_d"], dict(alpha=0.5, gamma=1.0), "alpha 0.5 and gamma 1.0 both given"),
+    (["ar"], dict(top_p=0.9), "top_p 0.9 applies to sampling"),
+    (["ar"], dict(top_p=0.9, temperature=0.0), "top_p 0.9 applies to sampling"),
+    (["ar", "blt_s"], dict(block_size=4), "block_size is read by blt_d, blt_h, not by the "
+     "methods asked for (ar, blt_s)"),
+    (["blt_s"], dict(gate=0.5), "gate is read by blt_h, not by"),
+])
+def test_options_a_user_asks_for_that_would_not_act_are_refused(methods, options, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    continuation.check_options(methods, options)
+
+
+def test_options_read_by_one_of_the_methods_asked_for_are_accepted():
+  continuation.check_options(["ar", "blt_d"], dict(block_size=4, alpha=0.5))
+  continuation.check_options(["blt_s"], dict(draft_len=4, temperature=0.8, top_p=0.9))
+  continuation.check_options(["blt_h"], dict(gamma=1.0, gate=0.5, alpha=None))
+  # A sweep's grid may pair greedy decoding with a top_p, and BLT-D's alpha with gamma:
+  # each setting keeps what its method reads, and the request is valid.
+  continuation.check_request([("blt_d", dict(alpha=0.7, gamma=1.0, top_p=0.9)),
+                              ("ar", dict(block_size=4, temperature=0.0, top_p=0.9))],
+                             prompts=2, prompt_bytes=8, continuation_bytes=8, batch_size=1)
 
 
 def _with_kernel_attention(config, backend="tpu"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -64,9 +65,16 @@ class DecodeConfig:
                         ("prefill_chunk", 1)):
       if getattr(self, name) < least:
         raise ValueError(f"{name}={getattr(self, name)}: need {name} >= {least}")
-    if self.temperature < 0 or not 0 < self.top_p <= 1:
-      raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, "
-                       f"{self.top_p}")
+    if not 0 <= self.temperature < math.inf or not 0 < self.top_p <= 1:
+      raise ValueError(f"need temperature >= 0 (finite) and 0 < top_p <= 1, got "
+                       f"temperature {self.temperature}, top_p {self.top_p}")
+    if self.temperature == 0 and self.top_p < 1:
+      raise ValueError(f"top_p={self.top_p} applies to sampling, and temperature=0 decodes "
+                       "greedily; set a temperature > 0 to sample, or leave top_p at 1")
+    for name in ("alpha", "gamma", "gate"):   # inf is meaningful: see UnmaskRule, hybrid
+      value = getattr(self, name)
+      if value is not None and not value >= 0:   # NaN fails too
+        raise ValueError(f"{name}={value}: need {name} >= 0 (see `bltjax generate --help`)")
 
   def structure(self) -> "DecodeConfig":
     """What shapes the compiled program besides its engine: the config with its numeric
