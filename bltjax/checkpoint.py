@@ -49,12 +49,6 @@ class Checkpointer:
           item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                          "data": grain.checkpoint.CheckpointHandler()})
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
-
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
-
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator) -> None:
     """Starts an (async) save of step `step`. Call `wait()` before reading it back."""
     args = ocp.args.Composite(state=ocp.args.PyTreeSave(state),
@@ -98,16 +92,70 @@ class Checkpointer:
     self._manager.close()
 
 
-def saved_steps(workdir: str) -> list[int]:
-  """Steps of the finished checkpoints in `<workdir>/checkpoints`, sorted; [] for none (or
-  no such directory). Read from the directory names, without orbax: a save writes into a
-  temporary directory that is renamed to its step when it is complete."""
+def _step_folders(ckpt_dir: str) -> list[int]:
+  """The steps named by the folders of `ckpt_dir`, sorted; [] for none (or no such
+  directory). Read from the directory names, without orbax: a save writes into a
+  temporary directory that is renamed to its step when it is complete, so a folder named
+  by a step lacks its state only when something else made or emptied it."""
   try:
-    names = os.listdir(os.path.join(workdir, "checkpoints"))
+    names = os.listdir(ckpt_dir)
   except (FileNotFoundError, NotADirectoryError):
     return []
-  return sorted(int(name) for name in names if name.isdigit()
-                and os.path.isdir(os.path.join(workdir, "checkpoints", name)))
+  return sorted(int(name) for name in names
+                if name.isdigit() and os.path.isdir(os.path.join(ckpt_dir, name)))
+
+
+def _holds_state(ckpt_dir: str, step: int) -> bool:
+  state = os.path.join(ckpt_dir, str(step), "state")
+  return os.path.isdir(state) and bool(os.listdir(state))
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """Steps of the complete checkpoints in `<workdir>/checkpoints` (a folder holding a
+  saved state), sorted; [] for none."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  return [s for s in _step_folders(ckpt_dir) if _holds_state(ckpt_dir, s)]
+
+
+def checked_step(workdir: str, step: int | None = None) -> int:
+  """`step` (default: the latest step folder of `<workdir>/checkpoints`), if its folder
+  holds a saved state; else a FileNotFoundError naming the steps that can load."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = _step_folders(ckpt_dir)
+  loadable = ", ".join(map(str, saved_steps(workdir))) or "none"
+  if step is None:
+    if not steps:
+      raise FileNotFoundError(f"{ckpt_dir} holds no finished checkpoint; train it first")
+    step = steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f"{ckpt_dir} has no checkpoint of step {step}; complete steps: "
+                            f"{loadable}; load one of them (step=N, or --step N)")
+  if not _holds_state(ckpt_dir, step):
+    raise FileNotFoundError(
+        f"checkpoint {os.path.join(ckpt_dir, str(step))} is incomplete (no saved state in "
+        f"it); remove that folder, or load a complete step ({loadable}) with step=N or "
+        "--step N")
+  return step
+
+
+def resume_step(workdir: str) -> int:
+  """The step a training run in `workdir` resumes from: its latest checkpoint, 0 for none.
+
+  Raises FileNotFoundError when the latest step folder holds no saved state (a save that
+  something else made or emptied): resuming from an earlier step would leave that folder
+  in the way of the run's own save of its step."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = _step_folders(ckpt_dir)
+  if not steps:
+    return 0
+  if not _holds_state(ckpt_dir, steps[-1]):
+    earlier = saved_steps(workdir)
+    then = f"from step {earlier[-1]}" if earlier else "at step 0"
+    raise FileNotFoundError(
+        f"checkpoint {os.path.join(ckpt_dir, str(steps[-1]))} is incomplete (no saved state "
+        f"in it), so the run cannot resume from it; remove that folder and run again to "
+        f"resume {then}")
+  return steps[-1]
 
 
 def not_a_directory(path: str) -> str | None:
@@ -171,7 +219,7 @@ def load_params(workdir: str, abstract_params: Any, *, step: int | None = None):
     raise FileNotFoundError(f"{workdir} has no checkpoints/ yet; train it first")
   ckpt = Checkpointer(ckpt_dir, async_save=False, read_only=True)
   try:
-    step = checked_step(ckpt_dir, ckpt.all_steps(), step)
+    step = checked_step(workdir, step)
     where = os.path.join(ckpt_dir, str(step))
     try:
       params = ckpt.restore_params(step, abstract_params)
@@ -195,28 +243,3 @@ def load_params(workdir: str, abstract_params: Any, *, step: int | None = None):
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint whose params are not those of the model asked for."""
-
-
-def _holds_state(ckpt_dir: str, step: int) -> bool:
-  state = os.path.join(ckpt_dir, str(step), "state")
-  return os.path.isdir(state) and bool(os.listdir(state))
-
-
-def checked_step(ckpt_dir: str, steps: list[int], step: int | None = None) -> int:
-  """`step` (default: the latest of `steps`, the step folders of `ckpt_dir`), if its
-  folder holds a saved state; else a FileNotFoundError naming the steps that can load."""
-  complete = [s for s in sorted(steps) if _holds_state(ckpt_dir, s)]
-  loadable = ", ".join(map(str, complete)) or "none"
-  if step is None:
-    if not steps:
-      raise FileNotFoundError(f"{ckpt_dir} holds no finished checkpoint; train it first")
-    step = max(steps)
-  if step not in steps:
-    raise FileNotFoundError(f"{ckpt_dir} has no checkpoint of step {step}; complete steps: "
-                            f"{loadable}; load one of them (step=N, or --step N)")
-  if step not in complete:
-    raise FileNotFoundError(
-        f"checkpoint {os.path.join(ckpt_dir, str(step))} is incomplete (no saved state in "
-        f"it); remove that folder, or load a complete step ({loadable}) with step=N or "
-        "--step N")
-  return step

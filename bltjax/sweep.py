@@ -30,7 +30,8 @@ Training sweeps (`training_config()`) train one run per entry with `bltjax.train
 config.experiment (an experiment file[:arg]) and config.overrides, then the entry's
 dotted keys (`optim.lr`, `model.diffusion.block_size`), into `<sweep workdir>/<run id>`.
 
-Every entry is checked (method, option, config key, value type) before any run starts.
+Every entry is checked (method, option, config key, value type; a training run's config
+as `train` checks it: ranges, model shapes, optimizer) before any run starts.
 A run's id comes from its settings; finished runs are appended to `results.jsonl` and
 skipped when the sweep runs again, so a stopped sweep resumes (a stopped training run
 from its last checkpoint). Outputs in the sweep workdir: `results.jsonl`, `results.md`,
@@ -333,6 +334,11 @@ def _training_settings(entry: dict, base) -> dict:
       raise SweepError(str(e)) from None
     value = _get(config, dotted)
     settings[dotted] = list(value) if isinstance(value, tuple) else value
+  from bltjax import train  # pylint: disable=g-import-not-at-top
+  try:   # a value no run can train with fails now, not when its run starts
+    train.check_config(config)
+  except (configs.ConfigError, ValueError) as e:
+    raise SweepError(str(e)) from None
   return settings
 
 

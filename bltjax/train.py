@@ -73,6 +73,9 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
   if optim.schedule not in SCHEDULES:
     raise configs.ConfigError(f"config.optim.schedule={optim.schedule!r} is not one of "
                               f"{list(SCHEDULES)}")
+  for key in ("lr", "warmup_steps", "min_lr_ratio"):
+    if not optim[key] >= 0:   # NaN fails too
+      raise configs.ConfigError(f"config.optim.{key}={optim[key]} must be >= 0")
   if not 0.0 <= optim.decay_fraction <= 1.0:
     raise configs.ConfigError(f"config.optim.decay_fraction={optim.decay_fraction} must be "
                               "in [0, 1]")
@@ -137,10 +140,16 @@ def check_train_config(tcfg: ml_collections.ConfigDict,
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError on a config no training run can use (`check_train_config`, a
-  BLT-D block size its rows cannot hold): what `train` checks before anything else."""
+  """Raises ConfigError (or ValueError) on a config no training run can use: a
+  `config.train` value out of range (`check_train_config`), a BLT-D block size its rows
+  cannot hold, model shapes that do not fit (its objective is built: a head count that
+  does not divide the width, a patcher without its entropy model), or optimizer
+  settings. What `train` checks before anything else, and training sweeps of each run
+  before the first starts; it reads no data and needs no devices."""
   check_train_config(config.train)
   objectives.check_diffusion_config(config)
+  objectives.make_objective(config)
+  make_optimizer(config.optim, config.train.steps)
 
 
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -412,13 +421,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
   # its first evaluation) leaves nothing behind.
   check_config(config)
   check_workdir_config(workdir, config)
+  start_step = checkpoint_lib.resume_step(workdir)
   trainer = Trainer(config, workdir, devices)
   dataset = data_lib.train_dataset(
       config.data, seq_len=tcfg.seq_len, global_batch=tcfg.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
   data_lib.split_sources(config.data, "valid")   # DataError when it holds no document
   initial_params = None
-  if tcfg.init_params_from and not checkpoint_lib.saved_steps(workdir):
+  if tcfg.init_params_from and not start_step:
     initial_params = _load_initial_params(tcfg.init_params_from, trainer.abstract_state.params)
   write_workdir_config(workdir, config)
   distributed.barrier("bltjax/train_start")   # before the checkpoint's first collective
@@ -427,7 +437,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
                                      async_save=tcfg.async_checkpoint)
 
   # --- Restore or initialise -------------------------------------------------------------
-  start_step = ckpt.latest_step() or 0
   if start_step:
     state = ckpt.restore_state(start_step, trainer.abstract_state)
   else:
@@ -468,7 +477,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
     bad = _first_non_finite(pending, pending_start + 1)
     if bad is not None:
       ckpt.wait()
-      raise NonFiniteLossError(_non_finite_message(bad, ckpt.all_steps(), ckpt.directory))
+      raise NonFiniteLossError(_non_finite_message(bad, checkpoint_lib.saved_steps(workdir),
+                                                    ckpt.directory))
 
   # The time budget counts training from the end of the first step: not the compilation
   # (compile_steps, minutes on a GPU), nor the first run's one-time setup (collectives).

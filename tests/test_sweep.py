@@ -206,8 +206,31 @@ def get_config(arg=None):
 
 def get_sweep(config):
   return [{{"optim.lr": 1e-3}}, {{"optim.lrr": 1e-3}}]
-""".format(experiment=os.path.join(REPO, "experiments", "blt_tiny.py:runlocal")))
+""".format(experiment=os.path.join(REPO, "experiments", "blt_tiny.py:static,runlocal")))
   with pytest.raises(sweep.SweepError, match="sweep entry 1 .*config key 'optim.lrr' does not"):
+    sweep.run_sweep(spec, str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"optim.lr": -1e-3}, r"config\.optim\.lr=-0\.001 must be >= 0"),
+    ({"model.blt.global_model.n_heads": 3}, r"d_model=\d+ is not divisible by n_heads=3"),
+    ({"model.diffusion.block_size": 512}, r"block_size=512 must be in \[1, "),
+    ({"train.save_every": 0}, r"config\.train\.save_every=0 must be >= 1"),
+])
+def test_a_value_no_run_can_train_with_fails_before_any_run(tmp_path, entry, message):
+  # The bad value is in the last entry: the first run would have trained before it.
+  spec = write_file(tmp_path / "bad_value.py", """
+from bltjax import sweep
+
+def get_config(arg=None):
+  return sweep.training_config(experiment={experiment!r})
+
+def get_sweep(config):
+  return [{{"optim.lr": 1e-3}}, {entry!r}]
+""".format(experiment=os.path.join(REPO, "experiments", "blt_tiny.py:static,bltd4,runlocal"),
+           entry=entry))
+  with pytest.raises(sweep.SweepError, match=r"sweep entry 1 .*" + message):
     sweep.run_sweep(spec, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")
 
@@ -298,8 +321,7 @@ def test_eval_continuation_tasks(shared_model, capsys):
   workdir = shared_model.workdir
   assert cli.main(["eval", "--workdir", workdir, "--continuation_bytes", "8",
                    "--prompt_bytes", "16", "--prompts", "2", "--methods", "blt_d,ar",
-                   "--block_size", "4", "--alpha", "0.5", "--draft_len", "4",
-                   "--name", "cont"]) == 0
+                   "--block_size", "4", "--alpha", "0.5", "--name", "cont"]) == 0
   out = capsys.readouterr().out
   assert "2 prompts of 16 bytes from the validation split, 8 bytes generated each" in out
   assert "| method | batch | bytes/s |" in out and "| blt_d B=4 a=0.5 | 1 |" in out
@@ -308,8 +330,8 @@ def test_eval_continuation_tasks(shared_model, capsys):
   cont = report["continuation"]
   assert report["step"] == 2 and len(cont["items"]) == 2
   blt_d, ar = cont["rows"]          # in the order asked; AR ran first as the reference
-  assert blt_d["options"] == {"block_size": 4, "alpha": 0.5}   # draft_len: not read by blt_d
-  assert ar["options"] == {} and ar["agreement"] == 1.0
+  assert blt_d["options"] == {"block_size": 4, "alpha": 0.5}
+  assert ar["options"] == {} and ar["agreement"] == 1.0   # block_size, alpha: not read by ar
   for row in (blt_d, ar):
     assert len(row["outputs"]) == 2
     for key in ("exact_match", "bpb", "agreement", "bytes_per_s", "nfe_decoder",
@@ -357,7 +379,11 @@ def test_eval_checks_continuation_options_before_the_bits_per_byte_eval(
   cases = [
       (["--methods", "beam"], "method 'beam' is not one of"),
       (["--methods", "blt_s", "--draft_len", "1"], "draft_len=1: need draft_len >= 2"),
-      (["--draft_len", "1"], "need draft_len >= 2"),     # given, though ar reads it not
+      (["--draft_len", "4"], "draft_len is read by blt_s, blt_dv, not by the methods asked "
+       "for (ar); leave it out, or add one of those methods"),
+      (["--methods", "ar,blt_d", "--alpha", "0.5", "--gamma", "1"], "both given"),
+      (["--top_p", "0.9"], "top_p 0.9 applies to sampling"),
+      (["--methods", "blt_d", "--alpha", "-0.5"], "alpha=-0.5: need alpha >= 0"),
       (["--temperature", "-1"], "need temperature >= 0"),
       (["--prompt_bytes", "16", "--max_len", "20"],
        "need 25 positions (BOS included) > max_len=20; lower them or raise max_len to 25 "

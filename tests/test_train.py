@@ -253,6 +253,29 @@ def test_a_workdir_without_checkpoints_takes_a_new_config(tiny_corpus, tmp_path)
   assert os.listdir(workdir / "checkpoints") == ["1"]
 
 
+def test_an_empty_latest_step_folder_is_named_and_the_run_resumes_once_it_is_gone(
+    tiny_corpus, tmp_path):
+  """A step folder without a saved state (made or emptied by hand, a copy cut short) used
+  to stop the resume with orbax's KeyError; it is named, with the step to resume from."""
+  workdir = str(tmp_path / "run")
+  overrides = dict(train__steps=1, train__save_every=1, train__eval_every=0,
+                   train__eval_batches=1)
+  train_on_one_device(tiny_entropy_config(tiny_corpus, **overrides), workdir)
+  empty = os.path.join(workdir, "checkpoints", "5")
+  os.makedirs(os.path.join(empty, "state"))
+  more = tiny_entropy_config(tiny_corpus, **dict(overrides, train__steps=2))
+  with pytest.raises(FileNotFoundError, match=r"checkpoints/5 is incomplete \(no saved state "
+                     r"in it\), so the run cannot resume from it; remove that folder and run "
+                     r"again to resume from step 1$"):
+    train_on_one_device(more, workdir)
+  assert checkpoint.saved_steps(workdir) == [1]
+  os.rmdir(os.path.join(empty, "state"))
+  os.rmdir(empty)
+  train_on_one_device(more, workdir)
+  assert checkpoint.saved_steps(workdir) == [1, 2]
+  assert logged_train_steps(workdir) == [1, 2]
+
+
 def test_params_of_another_model_are_named_not_restored(tmp_path):
   """load_params: a checkpoint lacking a param, or holding it in another shape, is an
   error naming the checkpoint (a partial restore used to hand back abstract leaves)."""
