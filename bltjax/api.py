@@ -321,10 +321,7 @@ class Model:
     if unknown:
       raise ValueError(f"unknown option {unknown[0]!r} for generate; valid options: "
                        f"{', '.join(OPTIONS)}")
-    if options.get("alpha") is not None and options.get("gamma") is not None:
-      raise ValueError(f"alpha={options['alpha']} and gamma={options['gamma']} both given: "
-                       "each picks BLT-D's unmasking rule (alpha: confidence, gamma: entropy "
-                       "bounded); pass one of them")
+    generate_lib.check_unmask_rule(options.get("alpha"), options.get("gamma"))
     if options.get("gamma") is not None:
       options["gamma"] = float(options["gamma"])
     return generate_lib.DecodeConfig(method=method, max_bytes=int(max_bytes), **options)

@@ -351,8 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   from bltjax.api import DEFAULT_MAX_LEN  # pylint: disable=g-import-not-at-top
   from bltjax.generate import METHODS  # pylint: disable=g-import-not-at-top
-  # pylint: disable-next=g-import-not-at-top
-  from bltjax.generate.diffusion import BLOCK_COMMITS, UNMASK_IMPLS
+  from bltjax.generate.diffusion import UNMASK_IMPLS  # pylint: disable=g-import-not-at-top
   from bltjax.model.layers import ATTENTION_IMPLS  # pylint: disable=g-import-not-at-top
   p = sub.add_parser("eval", help="bits per byte of a workdir's latest checkpoint on data, "
                      "and continuation tasks (generate from held-out prompts)")

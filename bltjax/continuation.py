@@ -165,11 +165,9 @@ def check_options(methods: Sequence[str], options: dict) -> None:
   rule), top_p without a temperature (greedy decoding ignores it), or an option that
   none of `methods` reads. Sweeps set options for grids of methods and use
   `options_for` instead, which drops what a method does not read."""
+  from bltjax import generate as generate_lib  # pylint: disable=g-import-not-at-top
   given = {k: v for k, v in options.items() if v is not None}
-  if "alpha" in given and "gamma" in given:
-    raise ValueError(f"alpha {given['alpha']} and gamma {given['gamma']} both given: each "
-                     "picks BLT-D's unmasking rule (alpha: confidence, gamma: entropy bounded); "
-                     "pass one of them")
+  generate_lib.check_unmask_rule(given.get("alpha"), given.get("gamma"))
   if "top_p" in given and not given.get("temperature"):
     raise ValueError(f"top_p {given['top_p']} applies to sampling, and without a temperature "
                      "decoding is greedy; pass a temperature > 0 too, or leave top_p out")

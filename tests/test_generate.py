@@ -223,7 +223,7 @@ def test_decode_knobs_at_their_meaningful_extremes_are_accepted():
 
 
 @pytest.mark.parametrize("methods, options, message", [
-    (["blt_d"], dict(alpha=0.5, gamma=1.0), "alpha 0.5 and gamma 1.0 both given"),
+    (["blt_d"], dict(alpha=0.5, gamma=1.0), "alpha=0.5 and gamma=1.0 both given"),
     (["ar"], dict(top_p=0.9), "top_p 0.9 applies to sampling"),
     (["ar"], dict(top_p=0.9, temperature=0.0), "top_p 0.9 applies to sampling"),
     (["ar", "blt_s"], dict(block_size=4), "block_size is read by blt_d, blt_h, not by the "

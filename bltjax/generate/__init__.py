@@ -98,6 +98,15 @@ class DecodeConfig:
     return max(self.prefill_chunk, self.block_size, self.draft_len)
 
 
+def check_unmask_rule(alpha: float | None, gamma: float | None) -> None:
+  """Raises ValueError when both BLT-D unmasking rules are asked for: `DecodeConfig`
+  decodes with gamma's whenever it is set, so an alpha beside it would be ignored."""
+  if alpha is not None and gamma is not None:
+    raise ValueError(f"alpha={alpha} and gamma={gamma} both given: each picks BLT-D's "
+                     "unmasking rule (alpha: confidence, gamma: entropy bounded); pass one of "
+                     "them")
+
+
 class DecodeResult(NamedTuple):
   tokens: jax.Array   # [B, max_bytes] generated ids
   counts: jax.Array   # [B] ids generated per row (EOS included)
@@ -198,4 +207,5 @@ def jitted_decode(engine: Engine, config: DecodeConfig):
 
 
 __all__ = ["COMPONENTS", "EMBEDDED", "DecodeConfig", "DecodeResult", "Engine", "METHODS",
-           "decode", "decode_program", "jitted_decode", "make_engine", "prefill_program"]
+           "check_unmask_rule", "decode", "decode_program", "jitted_decode", "make_engine",
+           "prefill_program"]
