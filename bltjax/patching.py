@@ -56,6 +56,18 @@ def resolve_threshold(patcher_section: Mapping, entropy_workdir: str) -> float:
         f"config.patcher.threshold < 0 asks for the calibrated threshold but "
         f"{os.path.join(entropy_workdir, CALIBRATION_FILE)} does not exist; run `bltjax "
         f"calibrate --workdir {entropy_workdir}` or set --config.patcher.threshold")
+  # A threshold holds for the rule and patch-length cap it was found with: under another
+  # rule the same threshold cuts patches of any length (1 byte each, say).
+  differ = [f"{key}={calibration[key]!r} (calibrated) vs {patcher_section[key]!r} (this "
+            "config)" for key in ("rule", "max_patch_len")
+            if key in calibration and calibration[key] != patcher_section[key]]
+  if differ:
+    raise configs.ConfigError(
+        f"the calibrated threshold of {os.path.join(entropy_workdir, CALIBRATION_FILE)} was "
+        f"found under other patching settings: patcher.{'; patcher.'.join(differ)}; "
+        f"re-run `bltjax calibrate --workdir {entropy_workdir}` with this config's "
+        "settings (--config.patcher.rule=... --config.patcher.max_patch_len=...), or set "
+        "them to the calibrated ones")
   return float(calibration["threshold"])
 
 

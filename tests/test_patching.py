@@ -123,3 +123,22 @@ def test_an_entropy_workdir_that_is_not_a_directory_is_named(where, tmp_path):
   with pytest.raises(configs.ConfigError, match=f"entropy_workdir .*{why}; pass the workdir "
                      "of a trained entropy model"):
     patching.pin_entropy_model(config, str(tmp_path / "blt"))
+
+
+def test_a_threshold_calibrated_under_another_rule_or_cap_is_refused(tmp_path):
+  """A threshold found under the monotonic rule cut every byte into its own patch when a
+  BLT patched with the global rule; the patching settings are part of the calibration."""
+  workdir = str(tmp_path)
+  patching.write_calibration(workdir, dict(threshold=0.03, rule="monotonic", max_patch_len=8))
+  section = dict(configs.base_config().patcher, threshold=-1.0)
+  assert patching.resolve_threshold(dict(section, rule="monotonic", max_patch_len=8),
+                                    workdir) == 0.03
+  with pytest.raises(configs.ConfigError, match=r"found under other patching settings: "
+                     r"patcher\.rule='monotonic' \(calibrated\) vs 'global' \(this config\); "
+                     r"re-run `bltjax calibrate --workdir "):
+    patching.resolve_threshold(dict(section, rule="global", max_patch_len=8), workdir)
+  with pytest.raises(configs.ConfigError, match=r"patcher\.max_patch_len=8 \(calibrated\) vs "
+                     r"16 \(this config\)"):
+    patching.resolve_threshold(dict(section, rule="monotonic", max_patch_len=16), workdir)
+  # Set by hand, a threshold is taken as it is.
+  assert patching.resolve_threshold(dict(section, threshold=0.5, rule="global"), workdir) == 0.5
