@@ -55,7 +55,7 @@ def cmd_eval(args, overrides):
     if distributed.is_main():
       print(evaluate.format_table(result))
     if tasks is None:
-      path = evaluate.write_result(result, args.name)
+      path = evaluate.write_report(args.workdir, result.to_dict(), args.name)
       if distributed.is_main():
         print(f"written to {path}")
       return
@@ -67,8 +67,7 @@ def cmd_eval(args, overrides):
   cont = continuation.evaluate_workdir(args.workdir, args.data, step=args.step, **tasks)
   report = dict(report or dict(workdir=args.workdir, step=cont["step"],
                                data=cont["data"]), continuation=cont)
-  name = args.name or (evaluate.default_name(args.data) if args.data else "valid")
-  path = continuation.write_report(args.workdir, name, report)
+  path = evaluate.write_report(args.workdir, report, args.name)
   if distributed.is_main():
     print(f"continuation tasks of {args.workdir} at step {cont['step']}: {cont['prompts']} "
           f"prompts of {cont['prompt_bytes']} bytes from {cont['data']}, "
@@ -366,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max_batches", type=int, default=None,
                  help="at most this many batches per file (default: all)")
   p.add_argument("--name", default=None,
-                 help="report name: <workdir>/eval/<name>.json (default: from --data, or valid)")
+                 help="report name: <workdir>/eval/<name>.json (default: the --data base names "
+                 "and the step, e.g. notes_step400, or valid_step400)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   g = p.add_argument_group("continuation tasks", "from held-out prompts of --data (or the "
                            "validation split), generate N bytes with each method; report exact "

@@ -11,12 +11,9 @@ and without the prompts' prefill.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Sequence
 
-import jax
 import numpy as np
 
 from bltjax import bytes as blt_bytes
@@ -285,12 +282,12 @@ def evaluate_workdir(workdir: str, data: str | None = None, *,
   default max_len). `model`: an already loaded `bltjax.load(workdir)` (its compiled
   decoders are reused; `step` and `max_len` are then its own)."""
   import bltjax  # pylint: disable=g-import-not-at-top
+  from bltjax import evaluate  # pylint: disable=g-import-not-at-top
   methods = [(m, options_for(m, o)) if m in METHOD_OPTIONS else (m, o) for m, o in methods]
   check_request(methods, prompts=prompts, prompt_bytes=prompt_bytes,
                 continuation_bytes=continuation_bytes, batch_size=batch_size,
                 max_len=max_len if model is None else model.max_len)
   if data:
-    from bltjax import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.expand_files(data)   # a one-line error naming the fix for a bad --data
   if model is None:
     limit = {} if max_len is None else {"max_len": max_len}
@@ -303,7 +300,7 @@ def evaluate_workdir(workdir: str, data: str | None = None, *,
   results = run_methods(model, items, methods, batch_size=batch_size, seed=seed)
   text = lambda b: b.decode("utf-8", errors="replace")
   return dict(
-      workdir=workdir, step=int(model.step), data=data or "the validation split",
+      workdir=workdir, step=int(model.step), data=data or evaluate.VALIDATION_SPLIT,
       prompts=prompts, prompt_bytes=prompt_bytes, continuation_bytes=continuation_bytes,
       batch_size=batch_size, seed=seed,
       items=[dict(prompt=text(p), reference=text(r))
@@ -359,15 +356,3 @@ def format_table(rows: Sequence[dict]) -> str:
   for row in rows:
     lines.append("| " + " | ".join(table_cells(row, ar_rows.get(row["batch_size"]))) + " |")
   return "\n".join(lines)
-
-
-def write_report(workdir: str, name: str, report: dict) -> str:
-  """Writes `<workdir>/eval/<name>.json` (process 0 only); returns its path."""
-  path = os.path.join(workdir, "eval", name + ".json")
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
-      f.write("\n")
-    os.replace(path + ".tmp", path)
-  return path

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
@@ -190,14 +191,41 @@ def check_name(name: str) -> str:
   return name
 
 
-def write_result(result: EvalResult, name: str | None = None) -> str:
-  """Writes `<workdir>/eval/<name>.json` (process 0 only); returns its path."""
-  name = check_name(name or default_name(result.data))
-  path = os.path.join(result.workdir, "eval", name + ".json")
+VALIDATION_SPLIT = "the validation split"   # a report's `data` when no --data was given
+
+
+def _data_id(data: str) -> str:
+  """What a report's `data` names, comparable across spellings: its items as absolute
+  paths."""
+  if data == VALIDATION_SPLIT:
+    return data
+  return ",".join(os.path.abspath(os.path.expanduser(item.strip()))
+                  for item in data.split(",") if item.strip())
+
+
+def write_report(workdir: str, report: dict, name: str | None = None) -> str:
+  """Writes `report` (with `data` and `step`) to `<workdir>/eval/<name>.json` (process 0
+  only); returns its path.
+
+  Without a name: the data's base names and the step, `heapq+notes_step400` (or
+  `valid_step400` for the validation split). Should that file hold the report of other
+  data (`x/notes.txt` then `y/notes.txt`), a hash of this data's paths is added to the
+  name: a default name never replaces the report of other data or another step."""
+  if name is None:
+    data = report["data"]
+    name = (default_name(data) if data != VALIDATION_SPLIT else "valid") + \
+        f"_step{report['step']}"
+    existing = os.path.join(workdir, "eval", name + ".json")
+    if os.path.exists(existing):
+      with open(existing, encoding="utf-8") as f:
+        other = json.load(f).get("data", "")
+      if _data_id(other) != _data_id(data):
+        name += "_" + hashlib.sha256(_data_id(data).encode()).hexdigest()[:8]
+  path = os.path.join(workdir, "eval", check_name(name) + ".json")
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(result.to_dict(), f, indent=2)
+      json.dump(report, f, indent=2)
       f.write("\n")
     os.replace(path + ".tmp", path)
   return path

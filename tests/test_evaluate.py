@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -52,7 +53,7 @@ def test_same_text_as_jsonl_gives_the_same_bpb(workdir, tiny_corpus, tmp_path):
   assert as_jsonl.bpb == pytest.approx(as_text.bpb, rel=1e-6)
 
 
-def test_cli_prints_a_table_and_writes_json(workdir, tiny_corpus, capsys):
+def test_cli_prints_a_table_and_writes_json(workdir, tiny_corpus, capsys, tmp_path):
   data = os.path.join(tiny_corpus, "*.py")
   assert cli.main(["eval", "--workdir", workdir, "--data", data, "--max_batches", "2",
                    "--seq_len", "64", "--batch_size", "8", "--name", "stdlib"]) == 0
@@ -64,10 +65,25 @@ def test_cli_prints_a_table_and_writes_json(workdir, tiny_corpus, capsys):
   # 2 batches x 8 rows x 64 bytes per file at most (the files are longer).
   assert all(r["bytes"] == 2 * 8 * 64 for r in report["files"])
   assert report["bytes"] == 5 * 2 * 8 * 64
-  # The default name comes from --data.
-  assert cli.main(["eval", "--workdir", workdir, "--data",
-                   os.path.join(tiny_corpus, "bisect.py"), "--max_batches", "1"]) == 0
-  assert os.path.exists(os.path.join(workdir, "eval", "bisect.json"))
+  # The default name comes from --data and the step; a report of other data under the
+  # same base name is kept (this one's name gets a hash of its paths).
+  other = tmp_path / "other"
+  other.mkdir()
+  shutil.copy(os.path.join(tiny_corpus, "heapq.py"), other / "bisect.py")
+  for data in (os.path.join(tiny_corpus, "bisect.py"), str(other / "bisect.py")):
+    assert cli.main(["eval", "--workdir", workdir, "--data", data, "--max_batches", "1"]) == 0
+  reports = sorted(n for n in os.listdir(os.path.join(workdir, "eval")) if "bisect" in n)
+  assert len(reports) == 2 and reports[0] == "bisect_step2.json", reports
+  assert re.fullmatch(r"bisect_step2_[0-9a-f]{8}\.json", reports[1]), reports
+  datas = []
+  for name in reports:
+    with open(os.path.join(workdir, "eval", name)) as f:
+      datas.append(json.load(f)["data"])
+  assert datas == [os.path.join(tiny_corpus, "bisect.py"), str(other / "bisect.py")]
+  # Run again, each data writes over its own report.
+  assert cli.main(["eval", "--workdir", workdir, "--data", str(other / "bisect.py"),
+                   "--max_batches", "1"]) == 0
+  assert sorted(n for n in os.listdir(os.path.join(workdir, "eval")) if "bisect" in n) == reports
 
 
 def test_workdir_without_checkpoints_is_a_clear_error(workdir, tiny_corpus, tmp_path, capsys):
