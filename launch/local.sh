@@ -15,6 +15,8 @@
 #   --cpu_devices=D     fake D CPU devices (JAX_NUM_CPU_DEVICES, JAX_PLATFORMS=cpu): try a
 #                       sharded mesh on a laptop
 #   --dry_run           print the command and exit
+#                       (after `sweep`: the sweep's own --dry_run, which lists its runs)
+#   -h, --help          this usage (after COMMAND: the command's help)
 # Environment:
 #   PYTHON              the interpreter (default: python3)
 #
@@ -23,6 +25,8 @@ set -euo pipefail
 
 NAME="local.sh"
 die() { echo "$NAME: error: $*" >&2; exit 2; }
+# Prints the comment block at the top of this file (its usage) and exits.
+usage() { sed -n '2,/^set -euo pipefail/{/^set -euo/d;/^#SBATCH/d;s/^# \{0,1\}//;p;}' "$0"; exit 0; }
 # Shell-quotes each argument (only where needed), so printed commands can be pasted.
 quote() {
   local out="" a
@@ -39,7 +43,10 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --cpu_devices=*) CPU_DEVICES="${1#*=}" ;;
     --cpu_devices) CPU_DEVICES="${2:?--cpu_devices needs a value}"; shift ;;
-    --dry_run) DRY_RUN=1 ;;
+    # After `sweep`, --dry_run is the sweep's own (list the runs); -h/--help after a
+    # command is that command's.
+    --dry_run) if [[ "${ARGS[0]:-}" == sweep ]]; then ARGS+=("$1"); else DRY_RUN=1; fi ;;
+    -h|--help) if [[ ${#ARGS[@]} -gt 0 ]]; then ARGS+=("$1"); else usage; fi ;;
     *) ARGS+=("$1") ;;
   esac
   shift

@@ -22,6 +22,8 @@
 #                            passes it on and gives the processes S seconds to save a
 #                            checkpoint and exit before it kills them (default 120)
 #   --dry_run                print the N commands and exit
+#                            (after `sweep`: the sweep's own --dry_run, which lists its runs)
+#   -h, --help               this usage (after COMMAND: the command's help)
 # Environment:
 #   PYTHON                   the interpreter (default: python3)
 #
@@ -32,6 +34,8 @@ set -euo pipefail
 
 NAME="multiprocess.sh"
 die() { echo "$NAME: error: $*" >&2; exit 2; }
+# Prints the comment block at the top of this file (its usage) and exits.
+usage() { sed -n '2,/^set -euo pipefail/{/^set -euo/d;/^#SBATCH/d;s/^# \{0,1\}//;p;}' "$0"; exit 0; }
 # Shell-quotes each argument (only where needed), so printed commands can be pasted.
 quote() {
   local out="" a
@@ -41,6 +45,7 @@ quote() {
   echo "${out% }"
 }
 
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then usage; fi
 [[ $# -ge 1 ]] || die "missing N; usage: launch/multiprocess.sh N [options] [COMMAND] [ARGS...]"
 N="$1"; shift
 [[ "$N" =~ ^[1-9][0-9]*$ ]] || die "N must be a positive number of processes, got '$N'"
@@ -60,7 +65,10 @@ while [[ $# -gt 0 ]]; do
     --timeout) TIMEOUT="${2:?--timeout needs a value}"; shift ;;
     --grace=*) GRACE="${1#*=}" ;;
     --grace) GRACE="${2:?--grace needs a value}"; shift ;;
-    --dry_run) DRY_RUN=1 ;;
+    # After `sweep`, --dry_run is the sweep's own (list the runs); -h/--help after a
+    # command is that command's.
+    --dry_run) if [[ "${ARGS[0]:-}" == sweep ]]; then ARGS+=("$1"); else DRY_RUN=1; fi ;;
+    -h|--help) if [[ ${#ARGS[@]} -gt 0 ]]; then ARGS+=("$1"); else usage; fi ;;
     --workdir=*) WORKDIR="${1#*=}"; ARGS+=("$1") ;;
     --workdir) WORKDIR="${2:-}"; ARGS+=("$1" "${2:-}"); shift ;;
     *) ARGS+=("$1") ;;

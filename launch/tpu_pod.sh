@@ -30,6 +30,8 @@
 #   --log_dir=DIR          where the worker logs land (default: tpu_logs/<NAME>)
 #   --skip_install         do not copy and install the package (reuse the last install)
 #   --dry_run              print the commands and exit
+#                          (after `sweep`: the sweep's own --dry_run, which lists its runs)
+#   -h, --help             this usage (after COMMAND: the command's help)
 # Environment:
 #   GCLOUD                 the gcloud binary (default: gcloud)
 #   BLTJAX_INIT_TIMEOUT    jax.distributed rendezvous timeout on the workers (default 900)
@@ -37,6 +39,8 @@ set -euo pipefail
 
 NAME="tpu_pod.sh"
 die() { echo "$NAME: error: $*" >&2; exit 2; }
+# Prints the comment block at the top of this file (its usage) and exits.
+usage() { sed -n '2,/^set -euo pipefail/{/^set -euo/d;/^#SBATCH/d;s/^# \{0,1\}//;p;}' "$0"; exit 0; }
 # Shell-quotes each argument (only where needed), so printed commands can be pasted.
 quote() {
   local out="" a
@@ -72,7 +76,10 @@ while [[ $# -gt 0 ]]; do
     --log_dir=*) LOG_DIR="${1#*=}" ;;
     --log_dir) LOG_DIR="${2:?--log_dir needs a value}"; shift ;;
     --skip_install) INSTALL=0 ;;
-    --dry_run) DRY_RUN=1 ;;
+    # After `sweep`, --dry_run is the sweep's own (list the runs); -h/--help after a
+    # command is that command's.
+    --dry_run) if [[ "${ARGS[0]:-}" == sweep ]]; then ARGS+=("$1"); else DRY_RUN=1; fi ;;
+    -h|--help) if [[ ${#ARGS[@]} -gt 0 ]]; then ARGS+=("$1"); else usage; fi ;;
     *) ARGS+=("$1") ;;
   esac
   shift
@@ -84,18 +91,20 @@ if [[ ${#ARGS[@]} -eq 0 || "${ARGS[0]}" == -* ]]; then
   ARGS=(train "${ARGS[@]}")
 fi
 for ((i = 0; i < ${#ARGS[@]}; i++)); do
-  if [[ "${ARGS[$i]}" == --workdir=gs://* || ( "${ARGS[$i]}" == --workdir \
-        && "${ARGS[$((i + 1))]:-}" == gs://* ) ]]; then
-    die "bltjax workdirs are file paths; mount the bucket on every worker (gcsfuse) and" \
-        "pass the mount path as --workdir"
-  fi
-  # The job runs in ~/bltjax on each worker, which the next launch replaces: a relative
-  # workdir would be per-worker and deleted with it.
-  if [[ "${ARGS[$i]}" == --workdir=* && "${ARGS[$i]}" != --workdir=/* ]] \
-      || [[ "${ARGS[$i]}" == --workdir && "${ARGS[$((i + 1))]:-}" != /* ]]; then
-    die "--workdir must be an absolute path every worker shares (NFS, Filestore, gcsfuse):" \
-        "a relative one lands in ~/bltjax on each worker, which the next launch deletes"
-  fi
+  for flag in --workdir --out; do   # the directories a command writes (export, convert)
+    if [[ "${ARGS[$i]}" == $flag=gs://* || ( "${ARGS[$i]}" == "$flag" \
+          && "${ARGS[$((i + 1))]:-}" == gs://* ) ]]; then
+      die "bltjax $flag directories are file paths; mount the bucket on every worker" \
+          "(gcsfuse) and pass the mount path as $flag"
+    fi
+    # The job runs in ~/bltjax on each worker, which the next launch replaces: a relative
+    # directory would be per-worker and deleted with it.
+    if [[ "${ARGS[$i]}" == $flag=* && "${ARGS[$i]}" != $flag=/* ]] \
+        || [[ "${ARGS[$i]}" == "$flag" && "${ARGS[$((i + 1))]:-}" != /* ]]; then
+      die "$flag must be an absolute path every worker shares (NFS, Filestore, gcsfuse):" \
+          "a relative one lands in ~/bltjax on each worker, which the next launch deletes"
+    fi
+  done
 done
 [[ -n "$LOG_DIR" ]] || LOG_DIR="tpu_logs/$TPU"
 

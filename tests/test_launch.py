@@ -41,6 +41,32 @@ def test_all_launchers_exist_and_parse():
 # --- local.sh -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("script, args", [("local.sh", ["--help"]), ("local.sh", ["-h"]),
+                                          ("multiprocess.sh", ["--help"]),
+                                          ("tpu_pod.sh", ["-h"]),
+                                          ("slurm_gpu.sbatch", ["--help"])])
+def test_launcher_help_prints_its_usage(script, args):
+  proc = run(script, *args)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith("Runs a bltjax command") and "Usage" in proc.stdout
+  assert "--dry_run" in proc.stdout and "set -euo" not in proc.stdout
+  assert "#" not in proc.stdout.splitlines()[0]
+
+
+def test_a_dry_run_after_sweep_is_the_sweeps_own():
+  proc = run("local.sh", "--dry_run", "sweep", "--config", "s.py", "--workdir", "w",
+             "--dry_run")
+  assert proc.stdout.strip() == ("env BLTJAX_DISTRIBUTED=off python3 -m bltjax.cli sweep "
+                                 "--config s.py --workdir w --dry_run")
+  # After another command, or before it, --dry_run is the launcher's; --help after one is
+  # the command's.
+  proc = run("local.sh", "eval", "--workdir", "w", "--dry_run", "--help")
+  assert proc.stdout.strip() == ("env BLTJAX_DISTRIBUTED=off python3 -m bltjax.cli eval "
+                                 "--workdir w --help")
+
+
+
+
 def test_local_dry_run():
   proc = run("local.sh", "--dry_run", "--config", "experiments/entropy_tiny.py",
              "--workdir", "runs/x")
@@ -177,6 +203,8 @@ def test_tpu_dry_run_prints_the_gcloud_commands():
     (["--tpu=t", "--zone=z", "--workdir", "gs://b/run"], {}, "mount the bucket"),
     (["--tpu=t", "--zone=z", "--workdir", "runs/x"], {}, "--workdir must be an absolute"),
     (["--tpu=t", "--zone=z", "--workdir=runs/x"], {}, "lands in ~/bltjax on each worker"),
+    (["--tpu=t", "--zone=z", "export", "--workdir", "/mnt/w", "--out", "runs/hf"], {},
+     "--out must be an absolute path every worker shares"),
 ])
 def test_tpu_missing_tool_or_variable_is_a_clear_error(args, env, message):
   proc = run("tpu_pod.sh", *args, env=env)
