@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Sequence
 
+import jax
+
 from bltjax import checkpoint
 from bltjax import compile_cache
 from bltjax import configs
@@ -153,9 +155,16 @@ def cmd_patch(args, overrides):
 
 def cmd_params(args, overrides):
   from bltjax import objectives  # pylint: disable=g-import-not-at-top
+  if not args.patch_len > 0 or not 0 <= args.context < float("inf"):   # NaN fails too
+    raise ValueError(f"need --patch_len > 0 and a finite --context >= 0, got "
+                     f"{args.patch_len}, {args.context}")
   config = configs.load(args.config, overrides)
   for name, count in objectives.param_counts(config).items():
     print(f"{name:>18s}  {count / 1e6:12.3f} M")
+  if config.model.kind == "blt" and config.patcher.mode == "entropy" \
+      and not config.patcher.entropy_workdir:
+    print("(entropy_model: the shape of config.model.entropy; with "
+          "--config.patcher.entropy_workdir=DIR, the model that patches the BLT)")
   if config.model.kind == "blt":
     print(format_traffic(config, args.patch_len, args.context))
 
@@ -163,8 +172,6 @@ def cmd_params(args, overrides):
 def format_traffic(config, patch_len: float, context: float) -> str:
   """Per-component bytes (16-bit) and the estimated traffic per byte of cached AR."""
   from bltjax.generate import cost  # pylint: disable=g-import-not-at-top
-  if patch_len <= 0 or context < 0:
-    raise ValueError(f"need --patch_len > 0 and --context >= 0, got {patch_len}, {context}")
   sizes = cost.ModelSizes.from_config(config)
   nfe = cost.ar_nfe_per_byte(patch_len, entropy=sizes.params["entropy"] > 0)
   per_byte = cost.estimate(nfe, sizes, n_bytes=1, context=context,
@@ -486,6 +493,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get("BLTJAX_TRACEBACK"):
       raise
     print(f"bltjax: error: {e}", file=sys.stderr)
+    return 2
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e) or os.environ.get("BLTJAX_TRACEBACK"):
+      raise
+    first = str(e).strip().splitlines()[0]
+    print(f"bltjax: error: out of memory ({first[:200]}); lower the rows or bytes a step "
+          "holds: --batch_size / --seq_len (eval; eval scores every byte as its own patch, "
+          "so its memory grows with seq_len squared), --max_bytes / --max_len (generate), "
+          "config.train.batch_size / seq_len or config.train.grad_accum_steps (train)",
+          file=sys.stderr)
     return 2
   return 0
 

@@ -161,3 +161,20 @@ def test_a_blt_is_scored_on_every_byte_past_its_patch_budget(blt_workdir, tiny_c
   assert "could not be scored" not in evaluate.format_table(result)
   dropped = dataclasses.replace(result, dropped_bytes=5)
   assert "5 target bytes could not be scored" in evaluate.format_table(dropped)
+
+
+def test_out_of_memory_is_one_line_naming_what_to_lower(monkeypatch, capsys):
+  def out_of_memory(args, overrides):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 240188025248 "
+                                     "bytes.\nmore lines of XLA")
+  monkeypatch.setattr(cli, "cmd_eval", out_of_memory)
+  assert cli.main(["eval", "--workdir", "w", "--data", "d", "--seq_len", "100000"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("bltjax: error: out of memory (RESOURCE_EXHAUSTED: Out of memory "
+                        "allocating 240188025248 bytes.); lower ")
+  assert "--seq_len" in err and len(err.splitlines()) == 1
+  # Other runtime errors are not dressed up as this one.
+  monkeypatch.setattr(cli, "cmd_eval", lambda *a: (_ for _ in ()).throw(
+      jax.errors.JaxRuntimeError("INTERNAL: something else")))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    cli.main(["eval", "--workdir", "w", "--data", "d"])
