@@ -121,7 +121,8 @@ class _Fields:
 
   def __init__(self, data: Mapping, where: str, source: str = "config.json"):
     if not isinstance(data, Mapping):
-      raise ConvertError(f"{source} {where} must be an object, got {data!r}")
+      what = f"{source} {where}" if where else source
+      raise ConvertError(f"{what} must be a JSON object, got {str(data)[:80]}")
     self.data = dict(data)
     self.where = where
     self.source = source
@@ -435,6 +436,11 @@ def _entropy_fields(entropy_hf: Mapping) -> _Fields:
     return _Fields(entropy_hf, "", source)
   if model_type == "blt":
     return _Fields(entropy_hf.get("patcher_config") or {}, "patcher_config", source)
+  if isinstance(entropy_hf.get("model"), Mapping) and "kind" in entropy_hf["model"]:
+    raise ConvertError("--entropy is a bltjax workdir (the config.json of `bltjax train`), "
+                       "not a Hugging Face checkpoint; pass the Hugging Face directory of the "
+                       "BLT's entropy model (model_type 'blt_patcher'), whose weights and "
+                       "threshold the converted BLT was trained with")
   raise ConvertError(f"--entropy config.json model_type={model_type!r}: expected 'blt_patcher' "
                      "(a BltPatcherConfig) or 'blt' (a BLT checkpoint holding model.patcher.*)")
 
@@ -776,10 +782,18 @@ def _check_against_model(config, params, entropy_params) -> None:
 
 
 def check_new_directory(out_dir: str, error=None) -> None:
-  """Raises `error` (default ConvertError) unless `out_dir` is absent or empty."""
+  """Raises `error` (default ConvertError) unless `out_dir` names a directory that is
+  absent or empty (a symbolic link is refused: the finished directory is renamed onto
+  `out_dir`, which would replace the link, not fill its target)."""
+  error = error or ConvertError
+  if not out_dir.strip():
+    raise error("--out is empty; pass the path of a new directory")
+  if os.path.islink(out_dir):
+    raise error(f"--out {out_dir} is a symbolic link; pass the directory it points to "
+                f"({os.path.realpath(out_dir)}) or a new path")
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-    raise (error or ConvertError)(f"--out {out_dir} exists and is not an empty directory; "
-                                  "choose a new --out or delete it")
+    raise error(f"--out {out_dir} exists and is not an empty directory; choose a new --out "
+                "or delete it")
 
 
 @contextlib.contextmanager

@@ -226,6 +226,31 @@ def test_cli_prints_one_line_errors(tmp_path, capsys):
                    str(tmp_path / "out")]) == 2
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and "has no config.json" in err
+  (tmp_path / "empty" / "config.json").write_text("[1, 2]")
+  assert cli.main(["convert", "--hf", str(tmp_path / "empty"), "--out",
+                   str(tmp_path / "out")]) == 2
+  assert "config.json must be a JSON object, got [1, 2]" in capsys.readouterr().err
+
+
+def test_a_bltjax_workdir_given_as_entropy_model_is_named():
+  with pytest.raises(convert.ConvertError, match=r"--entropy is a bltjax workdir \(the "
+                     r"config.json of `bltjax train`\), not a Hugging Face checkpoint"):
+    convert._entropy_fields({"model": {"kind": "entropy"}, "patcher": {}})  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("empty string", "--out is empty; pass the path of a new directory"),
+    ("link", "is a symbolic link; pass the directory it points to"),
+    ("file", "exists and is not an empty directory"),
+])
+def test_an_out_that_cannot_become_the_new_directory_is_refused_first(kind, message, tmp_path):
+  (tmp_path / "target").mkdir()
+  out = {"empty string": "", "link": str(tmp_path / "link"), "file": str(tmp_path / "file")}
+  os.symlink(tmp_path / "target", tmp_path / "link")
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(convert.ConvertError, match=message):
+    convert.check_new_directory(out[kind])
+  assert os.path.islink(tmp_path / "link") and not os.listdir(tmp_path / "target")
 
 
 def test_entropy_model_beside_and_sharded_safetensors(tmp_path):
