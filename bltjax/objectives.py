@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -270,11 +271,24 @@ def _count(tree) -> int:
   return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
+def entropy_transformer_config(config: ml_collections.ConfigDict):
+  """The entropy model's TransformerConfig: for a BLT whose `patcher.entropy_workdir`
+  names a workdir, that model (the one it is patched with); else `config.model.entropy`."""
+  model_section = config.model
+  workdir = config.get("patcher", {}).get("entropy_workdir", "")
+  if (config.model.kind == "blt" and workdir
+      and os.path.isfile(os.path.join(workdir, configs.SAVED_CONFIG))):
+    from bltjax import checkpoint  # pylint: disable=g-import-not-at-top
+    model_section = checkpoint.read_config(workdir).model
+  return model_lib.transformer_config(model_section.entropy, model_section)
+
+
 def param_counts(config: ml_collections.ConfigDict, seq_len: int = 64) -> dict[str, int]:
   """Parameters per component, from `jax.eval_shape` (nothing is allocated).
 
   For kind "blt" the hash tables are counted apart from the encoder, and the entropy
-  model is the shape in `config.model.entropy` (the patcher it is meant to use).
+  model is that of `patcher.entropy_workdir` when it names a workdir (the model the BLT
+  is patched with), else the shape in `config.model.entropy`.
 
   Raises:
     ConfigError: a BLT-D block size the training rows cannot hold.
@@ -282,7 +296,7 @@ def param_counts(config: ml_collections.ConfigDict, seq_len: int = 64) -> dict[s
   check_diffusion_config(config)
   shapes = {k: jax.ShapeDtypeStruct((1, seq_len), jnp.int32) for k in ("inputs",
                                                                         "segment_ids")}
-  entropy_cfg = model_lib.transformer_config(config.model.entropy, config.model)
+  entropy_cfg = entropy_transformer_config(config)
   entropy_params = jax.eval_shape(entropy_model.EntropyModel(entropy_cfg).init,
                                   jax.random.PRNGKey(0), shapes["inputs"],
                                   shapes["segment_ids"])["params"]

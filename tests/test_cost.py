@@ -117,3 +117,24 @@ def test_params_command_prints_bytes_and_ar_traffic(capsys):
   assert "hash_rows" in out and "paper proxy" in out and "kv cache" in out
   assert cli.main(["params", "--config", spec, "--patch_len", "0"]) == 2
   assert "--patch_len > 0" in capsys.readouterr().err
+  assert cli.main(["params", "--config", spec, "--context", "nan"]) == 2
+  out = capsys.readouterr()
+  assert out.out == "" and "a finite --context >= 0, got 4.5, nan" in out.err
+
+
+def test_a_blt_counts_the_entropy_model_of_its_entropy_workdir(tmp_path, capsys):
+  """`config.model.entropy` of a BLT experiment is a default shape; the model that patches
+  it is the one in `patcher.entropy_workdir`, which params and traffic estimates count."""
+  spec = os.path.join(REPO, "experiments", "blt_tiny.py:runlocal")
+  entropy = configs.load(os.path.join(REPO, "experiments", "entropy_tiny.py"))
+  (tmp_path / "config.json").write_text(configs.to_json(entropy))
+  alone = configs.load(spec)
+  patched = configs.load(spec, [f"--config.patcher.entropy_workdir={tmp_path}"])
+  expected = objectives.param_counts(entropy)["entropy_model"]
+  assert objectives.param_counts(alone)["entropy_model"] != expected
+  assert objectives.param_counts(patched)["entropy_model"] == expected
+  sizes = cost.ModelSizes.from_config(patched)
+  assert sizes.params["entropy"] == expected
+  assert sizes.stacks["entropy"].n_layers == entropy.model.entropy.n_layers
+  assert cli.main(["params", "--config", spec]) == 0
+  assert "(entropy_model: the shape of config.model.entropy;" in capsys.readouterr().out

@@ -82,8 +82,7 @@ class ModelSizes:
     stacks = {"encoder": stack(blt.encoder), "global": stack(blt.global_model),
               "decoder": stack(blt.decoder)}
     if uses_entropy:
-      stacks["entropy"] = stack(model_lib.transformer_config(config.model.entropy,
-                                                             config.model))
+      stacks["entropy"] = stack(objectives.entropy_transformer_config(config))
     return cls(params=params, hash_tables=counts["hash_tables"],
                n_hash_tables=blt.n_hash_tables, d_local=blt.d_local, stacks=stacks)
 
