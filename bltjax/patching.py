@@ -270,6 +270,9 @@ def calibrate_workdir(workdir: str, config=None, *, target_patch_len: float = 0.
   writes `patcher.json`. `config`: the workdir's config (with overrides) or None.
 
   Returns the record written (threshold, mean_patch_len, ..., path)."""
+  for name, value in (("batches", batches), ("batch_size", batch_size)):
+    if not value >= 1:
+      raise ValueError(f"{name}={value} must be >= 1 (bltjax calibrate --{name})")
   config = checkpoint.read_config(workdir) if config is None else config
   ref = EntropyModelRef.load(workdir)
   patcher_config = model_lib.patcher_config(config.patcher, threshold=0.0)

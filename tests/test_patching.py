@@ -142,3 +142,10 @@ def test_a_threshold_calibrated_under_another_rule_or_cap_is_refused(tmp_path):
     patching.resolve_threshold(dict(section, rule="monotonic", max_patch_len=16), workdir)
   # Set by hand, a threshold is taken as it is.
   assert patching.resolve_threshold(dict(section, threshold=0.5, rule="global"), workdir) == 0.5
+
+
+@pytest.mark.parametrize("option, value", [("batches", 0), ("batch_size", 0)])
+def test_calibration_sizes_below_one_name_their_option(option, value, tmp_path):
+  with pytest.raises(ValueError, match=f"^{option}={value} must be >= 1 "
+                     rf"\(bltjax calibrate --{option}\)$"):
+    patching.calibrate_workdir(str(tmp_path), **{option: value})
