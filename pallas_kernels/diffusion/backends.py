@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
@@ -16,12 +18,18 @@ def default_backend() -> str:
   return b if b in ("gpu", "tpu") else "xla"
 
 
-def resolve(backend: str | None) -> str:
-  """`backend`, or the platform's default when None; unknown names are errors."""
-  backend = default_backend() if backend is None else backend
-  if backend not in BACKENDS:
-    raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
-  return backend
+def resolve(backend: str | None, interpret: Any = False) -> str:
+  """`backend`, or the platform's default when None; unknown names are errors, and so is
+  `interpret` without a kernel to interpret (the "xla" backend is the jnp reference)."""
+  chosen = default_backend() if backend is None else backend
+  if chosen not in BACKENDS:
+    raise ValueError(f"backend {chosen!r} is not one of {BACKENDS}")
+  if chosen == "xla" and interpret is not None and interpret is not False:
+    raise ValueError(f"interpret={interpret!r} runs a Pallas kernel in interpret mode, but "
+                     f"backend {backend!r} runs the jnp reference"
+                     f"{' on this platform' if backend is None else ''}; pass backend='gpu' "
+                     "or 'tpu' to interpret that kernel")
+  return chosen
 
 
 def pow2_at_least(n: int, lo: int = 16) -> int:

@@ -103,12 +103,33 @@ def cached_attention(q, q_positions, q_valid, cache_k, cache_v, cache_positions,
   Kernels need S % bk == 0 (`CACHE_MULTIPLE` does) and, on GPU, head_dim a power of 2
   >= 16. `backend` as in `range_attention` ("xla": the reference, reading the cache in
   place)."""
-  backend = backends.resolve(backend)
+  backend = backends.resolve(backend, interpret)
   b, t, heads, d = q.shape
   groups, size = cache_k.shape[1], cache_k.shape[2]
-  if cache_v.shape != (b, groups, d, size):
-    raise ValueError(f"cache_v {cache_v.shape} must be [batch, kv_heads, head_dim, size] = "
-                     f"{(b, groups, d, size)} (cache_k {cache_k.shape})")
+  # name -> (array, layout, shape); kv_heads and size are cache_k's.
+  expected = {
+      "q_positions": (q_positions, "[batch, T]", (b, t)),
+      "q_valid": (q_valid, "[batch, T]", (b, t)),
+      "cache_k": (cache_k, "[batch, kv_heads, size, head_dim]", (b, groups, size, d)),
+      "cache_v": (cache_v, "[batch, kv_heads, head_dim, size]", (b, groups, d, size)),
+      "cache_positions": (cache_positions, "[batch, size]", (b, size))}
+  new = {"new_k": new_k, "new_v": new_v, "new_positions": new_positions}
+  if any(x is not None for x in new.values()):
+    missing = [name for name, x in new.items() if x is None]
+    if missing:
+      raise ValueError(f"new_k, new_v and new_positions come together; {', '.join(missing)} "
+                       "missing")
+    expected.update(new_k=(new_k, "[batch, T, kv_heads, head_dim]", (b, t, groups, d)),
+                    new_v=(new_v, "[batch, T, kv_heads, head_dim]", (b, t, groups, d)),
+                    new_positions=(new_positions, "[batch, T]", (b, t)))
+  for name, (x, layout, shape) in expected.items():
+    if tuple(x.shape) != shape:
+      raise ValueError(f"{name} {tuple(x.shape)} must be {layout} = {shape} (q {q.shape}, "
+                       f"cache_k {cache_k.shape})")
+  if heads % groups:
+    raise ValueError(f"heads {heads} must be a multiple of kv_heads {groups}")
+  if block_start is not None:
+    block_start = jnp.broadcast_to(jnp.asarray(block_start, jnp.int32), (b,))
   if backend == "xla":
     return cached_attention_reference(q, q_positions, q_valid, cache_k, cache_v,
                                       cache_positions, new_k, new_v, new_positions,

@@ -58,9 +58,9 @@ class Tiles:
           raise ValueError(f"GPU tile {name}={v} must be a power of 2 >= 16 (Triton)")
     else:
       sub = 16 if jnp.dtype(dtype).itemsize == 2 else 8
-      if self.bq % sub or self.bk % sub:
-        raise ValueError(f"TPU tiles need bq % {sub} == 0 and bk % {sub} == 0, "
-                         f"got bq={self.bq}, bk={self.bk}")
+      if self.bq < sub or self.bk < sub or self.bq % sub or self.bk % sub:
+        raise ValueError(f"TPU tiles bq and bk must be positive multiples of {sub}, got "
+                         f"bq={self.bq}, bk={self.bk}")
 
 
 def _keys(k0, bk, axis: int):

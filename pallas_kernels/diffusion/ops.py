@@ -34,26 +34,33 @@ def _heads_major(x, length: int, d: int):
 def range_attention(q, k, v, ranges, *, backend: str | None = None, interpret=False,
                     **tile_kw):
   """q `[B, Q, H, D]`, k/v `[B, K, G, D]`, ranges (a0, a1, b0, b1) int32 `[B, Q]` each
-  (indices into the key axis) -> `[B, Q, H, D]` in q.dtype; rows with no key get zeros.
+  (indices into the key axis, clipped to [0, K]) -> `[B, Q, H, D]` in q.dtype; rows with
+  no key get zeros. k and v are cast to q.dtype.
 
   Tiles: `bq`, `bk` (GPU: powers of 2 >= 16; TPU: multiples of 8, 16 for bf16), and on GPU
   `num_warps`, `num_stages`. Q and K need not divide the tiles (padded inside).
   """
-  backend = backends.resolve(backend)
+  backend = backends.resolve(backend, interpret)
   ranges = tuple(jnp.asarray(r, jnp.int32) for r in ranges)
   if len(ranges) != 4 or any(r.shape != q.shape[:2] for r in ranges):
     raise ValueError(f"ranges must be 4 arrays [batch, q_len] = {q.shape[:2]}, got "
                      f"{[r.shape for r in ranges]}")
-  if q.shape[2] % k.shape[2] or k.shape != v.shape:
-    raise ValueError(f"heads {q.shape[2]} must be a multiple of kv_heads {k.shape[2]} and "
-                     f"k {k.shape} must match v {v.shape}")
-  if backend == "xla":
-    return range_attention_reference(q, k, v, ranges)
+  if (q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0]
+      or k.shape[3] != q.shape[3] or q.shape[2] % k.shape[2]):
+    raise ValueError(f"need q [batch, q_len, heads, head_dim] and k, v [batch, k_len, "
+                     f"kv_heads, head_dim] alike, heads a multiple of kv_heads; got q {q.shape}, "
+                     f"k {k.shape}, v {v.shape}")
   defaults = GPU_DEFAULTS if backend == "gpu" else TPU_DEFAULTS
-  unknown = set(tile_kw) - set(defaults)
+  unknown = set(tile_kw) - set(defaults if backend != "xla" else {**GPU_DEFAULTS,
+                                                                  **TPU_DEFAULTS})
   if unknown:
     raise ValueError(f"unknown {backend} tile options {sorted(unknown)}; "
                      f"known: {sorted(defaults)}")
+  # A key index outside [0, K) names no key; the kernels' padded key blocks must not see it.
+  ranges = tuple(jnp.clip(r, 0, k.shape[1]) for r in ranges)
+  k, v = k.astype(q.dtype), v.astype(q.dtype)
+  if backend == "xla" or q.shape[1] == 0 or k.shape[1] == 0:
+    return range_attention_reference(q, k, v, ranges)
   tiles = kernels.Tiles(backend=backend, interpret=interpret, **{**defaults, **tile_kw})
   tiles.check(q.dtype)
   return _attention(tiles, q, k, v, ranges)

@@ -87,11 +87,15 @@ def unmask_step(logits, block, still_masked, threshold, *, rule: str = "confiden
   `reference.unmask_reference` for the rules. `backend` as in `range_attention`."""
   if rule not in RULES:
     raise ValueError(f"rule {rule!r} is not one of {RULES}")
-  backend = backends.resolve(backend)
+  backend = backends.resolve(backend, interpret)
   rows, bk, vocab = logits.shape
   if block.shape != (rows, bk) or still_masked.shape != (rows, bk):
     raise ValueError(f"block {block.shape} and still_masked {still_masked.shape} must be "
                      f"[rows, block_size] = {(rows, bk)} like logits {logits.shape}")
+  if tokens is not None and (tokens.shape != (rows, bk)
+                             or not jnp.issubdtype(tokens.dtype, jnp.integer)):
+    raise ValueError(f"tokens {tokens.shape} {tokens.dtype} must be integer ids [rows, "
+                     f"block_size] = {(rows, bk)} like block")
   if backend == "xla":
     return unmask_reference(logits, block, still_masked, threshold, rule=rule, tokens=tokens,
                             never_ids=never_ids, subtract_max=subtract_max)

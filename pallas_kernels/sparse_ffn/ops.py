@@ -306,10 +306,21 @@ def sparse_relu_ffn(x, w_up, w_down, *, backend=None, interpret=False, return_st
   Returns:
     out [tokens, d_model] in x.dtype, or (out, FFNStats) with return_stats.
   """
-  if backend is None:
-    backend = default_backend()
+  asked, backend = backend, default_backend() if backend is None else backend
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+  if backend == "xla" and interpret is not None and interpret is not False:
+    raise ValueError(f"interpret={interpret!r} runs the Pallas kernels in interpret mode, but "
+                     f"backend {asked!r} runs the jnp reference"
+                     f"{' on this platform' if asked is None else ''}; pass backend='gpu' or "
+                     "'tpu' to interpret that kernel")
+  unknown = set(tiles) - set(GPU_DEFAULTS) - set(TPU_DEFAULTS)
+  if unknown:   # checked on every backend: a typo must not pass on CPU and fail on a GPU
+    raise ValueError(f"unknown sparse_ffn tile options {sorted(unknown)}; known: GPU "
+                     f"{sorted(GPU_DEFAULTS)}, TPU {sorted(TPU_DEFAULTS)}")
+  not_positive = {k: v for k, v in tiles.items() if not (isinstance(v, int) and v >= 1)}
+  if not_positive:
+    raise ValueError(f"sparse_ffn tile options must be integers >= 1, got {not_positive}")
   if x.ndim != 2 or w_up.ndim != 2 or w_down.ndim != 2:
     raise ValueError("expected x [tokens, d_model], w_up [d_model, d_ff], w_down [d_ff, d_model]")
   t, d = x.shape

@@ -163,4 +163,23 @@ def test_bad_arguments_are_named():
                         x["cache_v"][:, :, :8], args[5], backend="gpu")
   with pytest.raises(ValueError, match=r"cache_v .* must be \[batch, kv_heads, head_dim"):
     ca.cached_attention(*args[:4], x["cache_v"].swapaxes(2, 3), args[5], backend="gpu")
+  # Shapes that do not fit are named, not read out of bounds (or with a head's KV group
+  # clamped in interpret mode).
+  q3 = jnp.zeros((B, 1, 3, D))
+  for bad, message in [
+      ((q3, *args[1:]), r"heads 3 must be a multiple of kv_heads"),
+      ((*args[:3], x["cache_k"][..., :8], *args[4:]), r"cache_k .* must be \[batch, kv_heads, "
+       r"size, head_dim\]"),
+      ((*args[:5], args[5][:, :7]), r"cache_positions .* must be \[batch, size\]")]:
+    with pytest.raises(ValueError, match=message):
+      ca.cached_attention(*bad, backend="tpu", interpret=True)
+  with pytest.raises(ValueError, match="new_k, new_v and new_positions come together; "
+                     "new_v, new_positions missing"):
+    ca.cached_attention(*args, new_k=x["new_k"], backend="tpu", interpret=True)
+  # A scalar block_start is every row's.
+  scalar = ca.cached_attention(*args, block_start=jnp.int32(300), backend="tpu",
+                               interpret=True)
+  rows = ca.cached_attention(*args, block_start=jnp.full((B,), 300, jnp.int32),
+                             backend="tpu", interpret=True)
+  np.testing.assert_array_equal(scalar, rows)
   assert caches.kernel_cache_size(544) == 640 and caches.kernel_cache_size(128) == 128

@@ -290,7 +290,7 @@ def test_bad_arguments_are_named():
   ranges = window_ranges(1, 8, 4)
   with pytest.raises(ValueError, match="power of 2"):
     range_attention(q, k, v, ranges, backend="gpu", bq=24)
-  with pytest.raises(ValueError, match="bq % 8"):
+  with pytest.raises(ValueError, match="positive multiples of 8, got bq=12"):
     range_attention(q, k, v, ranges, backend="tpu", bq=12)
   with pytest.raises(ValueError, match="unknown tpu tile options"):
     range_attention(q, k, v, ranges, backend="tpu", num_warps=4)
@@ -304,3 +304,61 @@ def test_package_is_independent_of_bltjax():
   root = pathlib.Path(kernels_pkg.__file__).parent
   for path in root.glob("*.py"):
     assert not re.search(r"^\s*(from|import)\s+bltjax", path.read_text(), re.M), path
+
+
+# --- Bad or edge input: named, or computed like the reference -------------------------
+
+
+@pytest.mark.parametrize("variant", ["gpu", "tpu"])
+def test_ranges_outside_the_keys_mean_what_the_reference_means(variant):
+  """A range past K ("every key") or below 0 is clipped to the keys: the kernels' padded
+  key blocks (and a block index of -1) used to count as keys."""
+  q, k, v = qkv(7, 1, 5, 10, 2, 2, 8)
+  z = jnp.zeros((1, 5), jnp.int32)
+  for ranges in ((z, jnp.full((1, 5), 20, jnp.int32), z, z),
+                 (jnp.full((1, 5), -5, jnp.int32), jnp.full((1, 5), 3, jnp.int32), z,
+                  jnp.full((1, 5), 99, jnp.int32))):
+    kernel = lambda q, k, v: range_attention(q, k, v, ranges, interpret=True,
+                                             **VARIANTS[variant])
+    reference = lambda q, k, v: range_attention_reference(q, k, v, ranges)
+    assert rel_err(kernel(q, k, v), reference(q, k, v)) < TOL_FWD[jnp.float32]
+    loss = lambda f: lambda *a: jnp.sum(f(*a) ** 2)
+    for got, want in zip(jax.grad(loss(kernel), (0, 1, 2))(q, k, v),
+                         jax.grad(loss(reference), (0, 1, 2))(q, k, v)):
+      assert rel_err(got, want) < TOL_GRAD[jnp.float32]
+
+
+@pytest.mark.parametrize("shapes", [((1, 5, 2, 8), (1, 6, 2, 4)),    # head_dim differs
+                                    ((2, 5, 2, 8), (1, 6, 2, 8)),    # batch differs
+                                    ((1, 5, 3, 8), (1, 6, 2, 8))])   # heads % kv_heads
+def test_q_and_kv_that_do_not_fit_are_named(shapes):
+  q, k = jnp.zeros(shapes[0]), jnp.zeros(shapes[1])
+  ranges = window_ranges(shapes[0][0], shapes[0][1], 4)
+  with pytest.raises(ValueError, match=r"need q \[batch, q_len, heads, head_dim\] and k, v"):
+    range_attention(q, k, k, ranges, backend="tpu", interpret=True)
+
+
+def test_mixed_dtypes_empty_axes_and_cpu_options():
+  q, k, v = qkv(3, 1, 6, 6, 2, 2, 16)
+  ranges = window_ranges(1, 6, 3)
+  mixed = range_attention(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), ranges,
+                          interpret=True, **VARIANTS["gpu"])
+  assert mixed.dtype == jnp.float32
+  assert rel_err(mixed, range_attention_reference(q, k, v, ranges)) < TOL_FWD[jnp.bfloat16]
+  # Triton's dot needs one element type: mixed inputs lower (they used to fail in Triton).
+  assert lowered_text(jax.jit(lambda q, k, v: range_attention(q, k, v, ranges, bq=16, bk=16,
+                                                              backend="gpu")),
+                      q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), platform="cuda")
+  no_keys = range_attention(q, k[:, :0], v[:, :0], ranges, interpret=True, **VARIANTS["tpu"])
+  np.testing.assert_array_equal(no_keys, jnp.zeros_like(q))
+  assert range_attention(q[:, :0], k, v, tuple(r[:, :0] for r in ranges), interpret=True,
+                         **VARIANTS["tpu"]).shape == (1, 0, 2, 16)
+  with pytest.raises(ValueError, match="TPU tiles bq and bk must be positive multiples of 8"):
+    range_attention(q, k, v, ranges, backend="tpu", interpret=True, bq=0)
+  # On this CPU the default backend is the jnp reference: interpret=True (a kernel test
+  # that would test the reference) and a misspelled tile fail here, not first on a GPU.
+  with pytest.raises(ValueError, match=r"interpret=True runs a Pallas kernel in interpret "
+                     r"mode, but backend None runs the jnp reference on this platform"):
+    range_attention(q, k, v, ranges, interpret=True)
+  with pytest.raises(ValueError, match=r"unknown xla tile options \['bqq'\]"):
+    range_attention(q, k, v, ranges, bqq=16)

@@ -124,6 +124,14 @@ def test_xla_backend_and_default():
     sparse_ffn.sparse_relu_ffn(x, wu, wd, backend="cuda")
   with pytest.raises(ValueError):
     sparse_ffn.sparse_relu_ffn(x, wu, wd, backend="tpu", up_impl="pallas")
+  # On CPU the default backend is the reference: interpret=True and a misspelled or zero
+  # tile are named here, not first on a GPU or TPU.
+  with pytest.raises(ValueError, match="runs the jnp reference on this platform"):
+    sparse_ffn.sparse_relu_ffn(x, wu, wd, interpret=True)
+  with pytest.raises(ValueError, match=r"unknown sparse_ffn tile options \['tmm'\]"):
+    sparse_ffn.sparse_relu_ffn(x, wu, wd, tmm=3)
+  with pytest.raises(ValueError, match=r"integers >= 1, got \{'tm': 0\}"):
+    sparse_ffn.sparse_relu_ffn(x, wu, wd, backend="tpu", interpret=True, tm=0)
 
 
 # --------------------------------------------------------------------------- format

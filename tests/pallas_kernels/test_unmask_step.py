@@ -138,3 +138,9 @@ def test_bad_arguments_are_named():
     unmask_step(logits, block, still, 0.5, rule="top_k")
   with pytest.raises(ValueError, match=r"must be \[rows, block_size\]"):
     unmask_step(logits, block[:, :3], still, 0.5, backend="gpu")
+  # tokens of another shape were written into the block as garbage by the kernels
+  for tokens in (block[:, :3], block.astype(jnp.float32)):
+    with pytest.raises(ValueError, match=r"tokens .* must be integer ids \[rows, block_size\]"):
+      unmask_step(logits, block, still, 0.0, tokens=tokens, backend="tpu", interpret=True)
+  with pytest.raises(ValueError, match="runs the jnp reference on this platform"):
+    unmask_step(logits, block, still, 0.5, interpret=True)
