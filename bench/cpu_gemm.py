@@ -4,8 +4,8 @@ A decode step multiplies `[rows, d]` activations by every weight matrix once; wi
 rows it should cost the weights' bytes (memory bandwidth) whatever the row count. This
 times a chain of 24 `[rows, 512] @ [512, 2048]` float32 matmuls (100 MB of weights,
 more than the caches) at rows 1, 2, 8 and 16, with the weights stored `[in, out]` (how
-bltjax stores kernels) and `[out, in]`, and reports weight GB/s beside the memory read
-bandwidth (`jnp.sum` of 400 MB). On the 2-core CPU VM
+bltjax stores kernels) and `[out, in]`, and as a multiply + sum instead of a dot, and
+reports weight GB/s beside the memory read bandwidth (`jnp.sum` of 400 MB). On the 2-core CPU VM
 8 rows take ~3x the time of 1 row (bench/RESULTS.md): the global model over 8 rows x 1
 patch costs ~3-4x one row, which is the batch-8 AR gap of bench/generation.py, not the
 KV cache (a head-major cache and reading only the used cache prefix were tried in
@@ -33,9 +33,15 @@ from bench import common  # noqa: E402
 D, F, LAYERS = 512, 2048, 24
 
 
-def chain(x, kernels, *, out_in: bool):
+def chain(x, kernels, *, out_in: bool, reduce: bool = False):
+  """`reduce`: each product as a broadcast multiply and a sum over `d` (kernels [out,
+  in]), which XLA:CPU emits as one loop fusion reading each weight row once for all rows,
+  instead of a dot."""
   for w in kernels:
-    y = jnp.einsum("md,fd->mf", x, w) if out_in else x @ w
+    if reduce:
+      y = jnp.sum(w[:, None, :] * x[None, :, :], axis=-1).T
+    else:
+      y = jnp.einsum("md,fd->mf", x, w) if out_in else x @ w
     x = jnp.tanh(y)[:, :D]
   return x
 
@@ -57,14 +63,16 @@ def main(argv=None):
   for m in (1, 2, 8, 16):
     x = jax.random.normal(jax.random.PRNGKey(1), (m, D))
     cells = [str(m)]
-    for layout, kernels in (("in_out", in_out), ("out_in", out_in)):
-      fn = jax.jit(lambda x, ks, layout=layout: chain(x, ks, out_in=layout == "out_in"))
+    for layout, kernels in (("in_out", in_out), ("out_in", out_in), ("reduce", out_in)):
+      fn = jax.jit(lambda x, ks, layout=layout: chain(x, ks, out_in=layout != "in_out",
+                                                      reduce=layout == "reduce"))
       seconds = common.fastest(fn, x, kernels, repeats=args.repeats)
       cells.append(f"{1e3 * seconds:.2f} ms ({weight_bytes / seconds / 1e9:.1f} GB/s)")
     print(" | ".join(cells), flush=True)
     rows.append(cells)
   table = common.markdown_table(
-      ["rows", "kernels [in, out] (bltjax)", "kernels [out, in]"], rows)
+      ["rows", "kernels [in, out] (bltjax)", "kernels [out, in]",
+       "multiply + sum, kernels [out, in]"], rows)
   print(table)
   if not args.no_append:
     common.append("XLA matmul of a few rows: time and weight bandwidth", table, argv=argv,
