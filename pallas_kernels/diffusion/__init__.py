@@ -17,7 +17,7 @@ Public API:
 See README.md in this directory.
 """
 
-from .backends import BACKENDS, default_backend
+from ..platform import BACKENDS, default_backend
 from .decode_attention import CACHE_MULTIPLE, cached_attention, kernel_cache_size
 from .ops import range_attention
 from .reference import (RULES, cached_attention_reference, range_attention_reference,

@@ -14,7 +14,8 @@ See README.md in this directory for the design and the tile choices.
 """
 
 from .format import neuron_order, permute_ffn_weights
-from .ops import BACKENDS, default_backend, sparse_relu_ffn
+from ..platform import BACKENDS, default_backend
+from .ops import sparse_relu_ffn
 from .reference import (FFNStats, activation_sparsity, hidden_reference,
                         relu_ffn_reference, relu_ffn_reference_with_stats)
 

@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ..platform import resolve
 from . import format as fmt
 from . import gpu
 from . import tpu
 from .reference import FFNStats, relu_ffn_reference_with_stats
 
-BACKENDS = ("gpu", "tpu", "xla")
 
 # Default tiles (see the package README for the reasoning; tune with bench.py --tiles).
 GPU_DEFAULTS = dict(tm=64, bk=64, bn=128, bd=64, kb=64, bf=128, num_warps=4, num_stages=3)
@@ -49,11 +49,6 @@ class Config:
   num_stages: int = 3
   up_impl: str = "xla"
   dense_threshold: float | None = None
-
-
-def default_backend() -> str:
-  b = jax.default_backend()
-  return b if b in ("gpu", "tpu") else "xla"
 
 
 def _pow2_at_least(n: int, lo: int = 16) -> int:
@@ -306,14 +301,7 @@ def sparse_relu_ffn(x, w_up, w_down, *, backend=None, interpret=False, return_st
   Returns:
     out [tokens, d_model] in x.dtype, or (out, FFNStats) with return_stats.
   """
-  asked, backend = backend, default_backend() if backend is None else backend
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-  if backend == "xla" and interpret is not None and interpret is not False:
-    raise ValueError(f"interpret={interpret!r} runs the Pallas kernels in interpret mode, but "
-                     f"backend {asked!r} runs the jnp reference"
-                     f"{' on this platform' if asked is None else ''}; pass backend='gpu' or "
-                     "'tpu' to interpret that kernel")
+  backend = resolve(backend, interpret)
   unknown = set(tiles) - set(GPU_DEFAULTS) - set(TPU_DEFAULTS)
   if unknown:   # checked on every backend: a typo must not pass on CPU and fail on a GPU
     raise ValueError(f"unknown sparse_ffn tile options {sorted(unknown)}; known: GPU "
