@@ -491,10 +491,7 @@ def load(path: str, *, step: int | None = None, max_len: int = DEFAULT_MAX_LEN,
   if max_len < 2:
     raise ValueError(f"max_len={max_len} must be >= 2")
   config = checkpoint.read_config(path)
-  ckpt_dir = os.path.join(path, "checkpoints")
-  if not os.path.isdir(ckpt_dir) or not any(s.isdigit() for s in os.listdir(ckpt_dir)):
-    raise FileNotFoundError(f"{path} has no checkpoints yet; train it first (bltjax train "
-                            f"--workdir {path} ...)")
+  checkpoint.require_checkpoints(path)
   if config.model.kind not in ("blt", "entropy"):
     raise configs.ConfigError(f"{path}: model.kind={config.model.kind!r} is not 'blt' or "
                               "'entropy'")

@@ -117,15 +117,23 @@ def saved_steps(workdir: str) -> list[int]:
   return [s for s in _step_folders(ckpt_dir) if _holds_state(ckpt_dir, s)]
 
 
+def require_checkpoints(workdir: str) -> list[int]:
+  """The step folders of `<workdir>/checkpoints`, sorted; a FileNotFoundError naming the
+  fix when there is none (the workdir was never trained)."""
+  steps = _step_folders(os.path.join(workdir, "checkpoints"))
+  if not steps:
+    raise FileNotFoundError(f"{workdir} has no checkpoints yet; train it first (bltjax train "
+                            f"--workdir {workdir} ...)")
+  return steps
+
+
 def checked_step(workdir: str, step: int | None = None) -> int:
   """`step` (default: the latest step folder of `<workdir>/checkpoints`), if its folder
   holds a saved state; else a FileNotFoundError naming the steps that can load."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = _step_folders(ckpt_dir)
+  steps = require_checkpoints(workdir)
   loadable = ", ".join(map(str, saved_steps(workdir))) or "none"
   if step is None:
-    if not steps:
-      raise FileNotFoundError(f"{ckpt_dir} holds no finished checkpoint; train it first")
     step = steps[-1]
   if step not in steps:
     raise FileNotFoundError(f"{ckpt_dir} has no checkpoint of step {step}; complete steps: "
@@ -214,12 +222,10 @@ def load_params(workdir: str, abstract_params: Any, *, step: int | None = None):
 
   `abstract_params`: ShapeDtypeStructs (with shardings) of the expected params.
   """
+  step = checked_step(workdir, step)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"{workdir} has no checkpoints/ yet; train it first")
   ckpt = Checkpointer(ckpt_dir, async_save=False, read_only=True)
   try:
-    step = checked_step(workdir, step)
     where = os.path.join(ckpt_dir, str(step))
     try:
       params = ckpt.restore_params(step, abstract_params)

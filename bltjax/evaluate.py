@@ -136,10 +136,10 @@ def evaluate_workdir(workdir: str, data: str, *, seq_len: int | None = None,
     raise EvalError(f"workdir {workdir!r} {why}; pass the --workdir of a `bltjax train` run")
   files = expand_files(data)
   config = eval_config(workdir, seq_len=seq_len, batch_size=batch_size, overrides=overrides)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir) or not any(s.isdigit() for s in os.listdir(ckpt_dir)):
-    raise EvalError(f"{workdir} has no checkpoints yet; train it first (bltjax train "
-                    f"--workdir {workdir} ...)")
+  try:
+    checkpoint.require_checkpoints(workdir)
+  except FileNotFoundError as e:
+    raise EvalError(str(e)) from None
   try:
     trainer = train.Trainer(config, workdir, devices, score_every_byte=True)
   except sharding.ShardingError as e:
