@@ -166,6 +166,16 @@ def resume_step(workdir: str) -> int:
   return steps[-1]
 
 
+def bound_config(workdir: str) -> dict | None:
+  """The `config.json` (as JSON) of the run in `workdir` once it holds a checkpoint, which
+  binds the workdir to that run; None before (a first run that failed binds nothing)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path) or not saved_steps(workdir):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def not_a_directory(path: str) -> str | None:
   """Why `path` is not a directory ("does not exist", "is a file, ..."), or None."""
   if os.path.isdir(path):

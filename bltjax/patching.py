@@ -143,7 +143,7 @@ def pin_entropy_model(config, workdir: str):
     raise configs.ConfigError(
         f"config.patcher.entropy_workdir {section.entropy_workdir!r} {why}; pass the workdir "
         "of a trained entropy model (bltjax train --config experiments/entropy_tiny.py ...)")
-  started = _saved_patcher(workdir)
+  started = (checkpoint.bound_config(workdir) or {}).get("patcher", {})
   if started.get("entropy_workdir") != section.entropy_workdir:
     started = {}
   threshold, step = section.threshold, section.entropy_step
@@ -165,15 +165,6 @@ def pin_entropy_model(config, workdir: str):
   with pinned.unlocked():
     pinned.patcher.threshold, pinned.patcher.entropy_step = float(threshold), int(step)
   return pinned
-
-
-def _saved_patcher(workdir: str) -> dict:
-  """The patcher section of the run in `workdir` ({} when it has no checkpoint yet)."""
-  path = os.path.join(workdir, configs.SAVED_CONFIG)
-  if not os.path.exists(path) or not checkpoint.saved_steps(workdir):
-    return {}
-  with open(path, encoding="utf-8") as f:
-    return json.load(f).get("patcher", {})
 
 
 def patcher_from_workdir(entropy_workdir: str, patcher_section: Mapping | None = None

@@ -156,11 +156,11 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
   """Refuses a workdir whose checkpoints are another model's: `config.model` differs
   from its `config.json`. A workdir without a checkpoint (a first run that failed) takes
   any config; `write_workdir_config` then replaces its `config.json`."""
-  path = os.path.join(workdir, configs.SAVED_CONFIG)
-  if not os.path.exists(path) or not checkpoint_lib.saved_steps(workdir):
+  bound = checkpoint_lib.bound_config(workdir)
+  if bound is None:
     return
-  with open(path, encoding="utf-8") as f:
-    saved = configs.with_defaults(json.load(f))
+  saved = configs.with_defaults(bound)
+  path = os.path.join(workdir, configs.SAVED_CONFIG)
   for section in ("model",):
     # Compared as JSON (tuples come back as lists).
     given = json.loads(configs.to_json(config[section]))
