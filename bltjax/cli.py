@@ -158,7 +158,10 @@ def cmd_params(args, overrides):
   if not args.patch_len > 0 or not 0 <= args.context < float("inf"):   # NaN fails too
     raise ValueError(f"need --patch_len > 0 and a finite --context >= 0, got "
                      f"{args.patch_len}, {args.context}")
-  config = configs.load(args.config, overrides)
+  if args.workdir:
+    config = configs.apply_overrides(checkpoint.read_config(args.workdir), overrides)
+  else:
+    config = configs.load(args.config, overrides)
   for name, count in objectives.param_counts(config).items():
     print(f"{name:>18s}  {count / 1e6:12.3f} M")
   if config.model.kind == "blt" and config.patcher.mode == "entropy" \
@@ -416,7 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(fn=cmd_patch)
 
   p = sub.add_parser("params", help="parameter counts, bytes and AR traffic per component")
-  p.add_argument("--config", required=True)
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--config", help="an experiment file (a model not trained yet)")
+  source.add_argument("--workdir", help="a trained workdir or a `bltjax convert` output (the "
+                      "model in its config.json)")
   p.add_argument("--patch_len", type=float, default=4.5,
                  help="mean patch length for the AR traffic estimate")
   p.add_argument("--context", type=float, default=4096,

@@ -34,7 +34,7 @@ def check_experiment_path(path: str) -> None:
         f"{path} is the saved config of workdir {workdir}, not an experiment file (a Python "
         f"file with get_config()); to resume that run, re-run `bltjax train` with the "
         f"experiment file it was started with and --workdir {workdir}; `bltjax eval`, "
-        f"`generate`, `calibrate` and `export` take --workdir {workdir} itself")
+        f"`generate`, `calibrate`, `export` and `params` take --workdir {workdir} itself")
   if not os.path.isfile(path):
     raise ConfigError(f"experiment file {path!r} does not exist; pass e.g. "
                       "--config experiments/entropy_tiny.py")

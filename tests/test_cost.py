@@ -138,3 +138,21 @@ def test_a_blt_counts_the_entropy_model_of_its_entropy_workdir(tmp_path, capsys)
   assert sizes.stacks["entropy"].n_layers == entropy.model.entropy.n_layers
   assert cli.main(["params", "--config", spec]) == 0
   assert "(entropy_model: the shape of config.model.entropy;" in capsys.readouterr().out
+
+
+def test_params_of_a_workdir_count_the_model_it_saved(tmp_path, capsys):
+  """`params --workdir` counts the model of a trained workdir's config.json (overrides
+  apply as for --config); a directory without one is named."""
+  spec = os.path.join(REPO, "experiments", "blt_tiny.py:runlocal")
+  (tmp_path / "config.json").write_text(configs.to_json(configs.load(spec)))
+  assert cli.main(["params", "--config", spec, "--patch_len", "4"]) == 0
+  from_experiment = capsys.readouterr().out
+  assert cli.main(["params", "--workdir", str(tmp_path), "--patch_len", "4"]) == 0
+  assert capsys.readouterr().out == from_experiment
+  deeper = "--config.model.blt.global_model.n_layers=3"
+  assert cli.main(["params", "--workdir", str(tmp_path), deeper, "--patch_len", "4"]) == 0
+  assert capsys.readouterr().out != from_experiment
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert cli.main(["params", "--workdir", str(empty)]) == 2
+  assert "is not a bltjax workdir" in capsys.readouterr().err
