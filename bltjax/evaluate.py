@@ -9,7 +9,9 @@ are the predicted targets (a document's bytes plus its end marker, and the next
 document's start marker), every one of them: a BLT is given one patch per byte
 (`objectives.scoring_objective`, as `Model.score`), whatever training's
 `patcher.max_patches` or `--seq_len`. Overall bpb = total nats / total bytes / ln 2,
-i.e. the byte-weighted mean of the per-file values.
+i.e. the byte-weighted mean of the per-file values. A file that holds no bytes (an empty
+text file, JSONL of empty texts) is listed and not scored: its end markers alone would
+give a bpb of nothing.
 
 The report is printed as a table and written (by process 0) to
 `<workdir>/eval/<name>.json`.
@@ -43,7 +45,7 @@ class EvalError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class FileResult:
   file: str
-  bpb: float
+  bpb: float | None   # None: the file holds no bytes and is not scored
   bytes: int
   dropped_bytes: int = 0   # target bytes left unscored (none: eval scores every byte)
 
@@ -92,6 +94,22 @@ def expand_files(data: str) -> list[str]:
   return files
 
 
+def content_bytes(path: str, data_cfg) -> int:
+  """The document bytes of one file as `data_cfg` reads it (0: nothing to score).
+
+  Raises:
+    EvalError: the file cannot be read as that format.
+  """
+  try:
+    source = sources.open_source(glob.escape(path), format=data_cfg.format,
+                                 text_field=data_cfg.text_field)
+  except sources.DataError as e:
+    if "holds no documents" in str(e):
+      return 0
+    raise EvalError(str(e)) from None
+  return int(source.lengths.sum())
+
+
 def eval_config(workdir: str, *, seq_len: int | None = None, batch_size: int | None = None,
                 overrides: Sequence[str] = ()):
   """The workdir's config with `--config.*` overrides and the eval sizes applied."""
@@ -136,6 +154,10 @@ def evaluate_workdir(workdir: str, data: str, *, seq_len: int | None = None,
     raise EvalError(f"workdir {workdir!r} {why}; pass the --workdir of a `bltjax train` run")
   files = expand_files(data)
   config = eval_config(workdir, seq_len=seq_len, batch_size=batch_size, overrides=overrides)
+  sizes = {path: content_bytes(path, config.data) for path in files}
+  if not any(sizes.values()):
+    raise EvalError(f"every file of --data {data!r} is empty (no document bytes); pass "
+                    "files with text to score")
   try:
     checkpoint.require_checkpoints(workdir)
   except FileNotFoundError as e:
@@ -150,6 +172,9 @@ def evaluate_workdir(workdir: str, data: str, *, seq_len: int | None = None,
 
   results = []
   for path in files:
+    if not sizes[path]:
+      results.append(FileResult(path, None, 0))
+      continue
     data_cfg = config.data.copy_and_resolve_references()
     with data_cfg.unlocked():
       data_cfg.valid = glob.escape(path)
@@ -157,7 +182,7 @@ def evaluate_workdir(workdir: str, data: str, *, seq_len: int | None = None,
     results.append(FileResult(path, float(sums["bpb"]), int(round(sums["bytes"])),
                               int(round(sums["dropped_bytes"]))))
   total = sum(r.bytes for r in results)
-  overall = sum(r.bpb * r.bytes for r in results) / total if total else math.nan
+  overall = sum(r.bpb * r.bytes for r in results if r.bytes) / total if total else math.nan
   return EvalResult(workdir=workdir, step=int(step), data=data, seq_len=config.train.seq_len,
                     batch_size=config.train.batch_size, max_batches=max_batches,
                     files=tuple(results), bpb=overall, bytes=total,
@@ -166,7 +191,8 @@ def evaluate_workdir(workdir: str, data: str, *, seq_len: int | None = None,
 
 def format_table(result: EvalResult) -> str:
   """A plain-text table: one row per file, then the overall row."""
-  rows = [(r.file, f"{r.bpb:.4f}", str(r.bytes)) for r in result.files]
+  rows = [(r.file, "empty" if r.bpb is None else f"{r.bpb:.4f}", str(r.bytes))
+          for r in result.files]
   rows.append(("overall", f"{result.bpb:.4f}", str(result.bytes)))
   width = max(len("file"), *(len(r[0]) for r in rows))
   lines = [f"bits per byte of {result.workdir} at step {result.step} "

@@ -110,6 +110,27 @@ def test_missing_data_is_a_clear_error(workdir, tmp_path, capsys):
   assert len(err.strip().splitlines()) == 1
 
 
+def test_files_without_bytes_are_listed_not_scored(workdir, tiny_corpus, tmp_path, capsys):
+  """An empty text file, or JSONL of empty texts, has no bytes to score (only end markers):
+  listed as empty, left out of the overall bpb; data that is all empty is an error."""
+  a = os.path.join(tiny_corpus, "bisect.py")
+  empty_text, empty_jsonl = tmp_path / "empty.txt", tmp_path / "blank.jsonl"
+  empty_text.write_bytes(b"")
+  empty_jsonl.write_text(json.dumps({"text": ""}) + "\n")
+  alone = evaluate.evaluate_workdir(workdir, a)
+  result = evaluate.evaluate_workdir(workdir, f"{empty_text},{a},{empty_jsonl}")
+  assert [(r.bpb, r.bytes) for r in result.files] == [(None, 0), (alone.bpb, alone.bytes),
+                                                      (None, 0)]
+  assert (result.bpb, result.bytes) == (alone.bpb, alone.bytes)
+  assert evaluate.format_table(result).splitlines()[3].split() == [str(empty_text), "empty", "0"]
+  with pytest.raises(evaluate.EvalError, match="is empty .no document bytes"):
+    evaluate.evaluate_workdir(workdir, f"{empty_text},{empty_jsonl}")
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text("not json\n")
+  assert cli.main(["eval", "--workdir", workdir, "--data", f"{a},{bad}"]) == 2
+  assert "bad.jsonl" in capsys.readouterr().err
+
+
 def test_patch_command_cuts_the_bytes_given(workdir, monkeypatch, capsys):
   """Non-UTF-8 bytes of the command line (surrogate-escaped by Python) reach the patcher
   as they were given."""
