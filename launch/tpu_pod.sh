@@ -38,17 +38,7 @@
 set -euo pipefail
 
 NAME="tpu_pod.sh"
-die() { echo "$NAME: error: $*" >&2; exit 2; }
-# Prints the comment block at the top of this file (its usage) and exits.
-usage() { sed -n '2,/^set -euo pipefail/{/^set -euo/d;/^#SBATCH/d;s/^# \{0,1\}//;p;}' "$0"; exit 0; }
-# Shell-quotes each argument (only where needed), so printed commands can be pasted.
-quote() {
-  local out="" a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then out+="$a "; else out+="'${a//\'/\'\\\'\'}' "; fi
-  done
-  echo "${out% }"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.bash"   # die, usage, quote
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 GCLOUD="${GCLOUD:-gcloud}"
