@@ -120,10 +120,29 @@ def batch_shards(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def batch_shard_processes(devices: np.ndarray) -> dict[int, set[int]]:
+  """For a mesh's `[data, fsdp, tensor]` device array: batch shard -> the processes
+  whose devices hold it."""
+  owners = {}
+  for (d, f, _), device in np.ndenumerate(devices):
+    owners.setdefault(d * devices.shape[1] + f, set()).add(device.process_index)
+  return owners
+
+
 def check_batch(global_batch: int, mesh: Mesh, microbatches: int = 1) -> None:
   """The global batch must split evenly over the batch shards and the processes, and
-  each of its `microbatches` over the batch shards."""
+  each of its `microbatches` over the batch shards; each batch shard must sit on the
+  devices of one process (each process loads the rows of its own shards)."""
   shards = batch_shards(mesh)
+  shared = {s: p for s, p in batch_shard_processes(mesh.devices).items() if len(p) > 1}
+  if shared:
+    shard, procs = min(shared.items())
+    sizes = " x ".join(str(mesh.shape[a]) for a in MESH_AXES)
+    processes = len({d.process_index for d in mesh.devices.flat})
+    raise ShardingError(
+        f"config.mesh (data x fsdp x tensor = {sizes}) puts batch shard {shard} on the devices of processes {sorted(procs)}, but each "
+        f"process loads rows of its own: make mesh.data x mesh.fsdp a multiple of the "
+        f"{processes} processes (mesh.tensor at most the devices of one process)")
   if global_batch % shards:
     raise ShardingError(
         f"train.batch_size={global_batch} does not divide over {shards} batch shards "

@@ -1,5 +1,7 @@
 """Sharding on 8 fake CPU devices: same loss as one device, params placed by the rules."""
 
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -67,6 +69,32 @@ def test_sharded_steps_equal_the_one_device_steps(mesh, tiny_corpus, tmp_path,
   # The optimizer moments follow their params.
   mu = state.opt_state[1][0].mu["transformer"]["layer_0"]["attn"]["q"]["kernel"]
   assert mu.sharding.is_equivalent_to(q.sharding, 2)
+
+
+def _devices_of_processes(process_of_device, shape):
+  """A `[data, fsdp, tensor]` array of stand-in devices on the given processes."""
+  devices = np.empty(len(process_of_device), dtype=object)
+  devices[:] = [types.SimpleNamespace(process_index=p) for p in process_of_device]
+  return devices.reshape(shape)
+
+
+def test_every_batch_shard_lives_on_one_process():
+  """Each process loads the rows of its own batch shards: a mesh that spreads one batch
+  shard over the devices of two processes (tensor across hosts, or fewer batch shards
+  than processes) would train every process on its own rows as if they were all."""
+  mesh = lambda shape, procs: types.SimpleNamespace(
+      devices=_devices_of_processes(procs, shape), shape=dict(zip(sharding.MESH_AXES, shape)))
+  two_hosts = [0, 0, 1, 1]   # 2 processes x 2 devices, in device order
+  assert sharding.batch_shard_processes(mesh((2, 1, 2), two_hosts).devices) == {0: {0},
+                                                                                1: {1}}
+  sharding.check_batch(8, mesh((2, 1, 2), two_hosts))
+  sharding.check_batch(8, mesh((1, 4, 1), two_hosts))
+  with pytest.raises(sharding.ShardingError, match=r"data x fsdp x tensor = 1 x 1 x 4\) puts "
+                     r"batch shard 0 on the devices of processes \[0, 1\].*multiple of the 2 "
+                     "processes"):
+    sharding.check_batch(8, mesh((1, 1, 4), two_hosts))
+  with pytest.raises(sharding.ShardingError, match="batch shard 0 on the devices of processes"):
+    sharding.check_batch(8, mesh((2, 1, 2), [0, 1, 0, 1]))   # tensor across the hosts
 
 
 def test_mesh_and_batch_errors_name_the_fix(tiny_corpus, tmp_path):
