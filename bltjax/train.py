@@ -8,6 +8,7 @@ saves the next step and stops (`bltjax/preemption.py`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -152,23 +153,62 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   make_optimizer(config.optim, config.train.steps)
 
 
+# What a resumed run keeps from its first: the model (params and objective), how its
+# bytes are cut into patches (the threshold and entropy model are pinned apart,
+# `patching.pin_entropy_model`) and what the batch of each step is made of (a pure
+# function of these and the step).
+RESUME_KEYS = ("model", "patcher.mode", "patcher.rule", "patcher.max_patch_len",
+               "patcher.patch_size", "seed", "train.batch_size", "train.seq_len",
+               "data.train", "data.train_weights", "data.valid", "data.format",
+               "data.text_field", "data.valid_fraction")
+# Model keys that change how a step computes, not the params or the loss it minimises:
+# a resume may change them (e.g. remat or kernels on another machine).
+COMPUTE_KEYS = ("model.dtype", "model.remat", "model.attention", "model.ffn.impl",
+                "model.ffn.backend", "model.ffn.interpret", "model.ffn.dense_threshold")
+
+
+def _resume_view(config: dict) -> dict:
+  """The `RESUME_KEYS` of a config as JSON, less `COMPUTE_KEYS`, as nested dicts."""
+  view = {}
+  for key in RESUME_KEYS:
+    *parents, last = key.split(".")
+    src, dst = config, view
+    for name in parents:
+      src, dst = src.get(name, {}), dst.setdefault(name, {})
+    if last in src:
+      dst[last] = copy.deepcopy(src[last])
+  for key in COMPUTE_KEYS:
+    *parents, last = key.split(".")
+    node = view
+    for name in parents:
+      node = node.get(name, {})
+    node.pop(last, None)
+  return view
+
+
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Refuses a workdir whose checkpoints are another model's: `config.model` differs
-  from its `config.json`. A workdir without a checkpoint (a first run that failed) takes
-  any config; `write_workdir_config` then replaces its `config.json`."""
+  """Refuses to resume a workdir with another model or other data: `RESUME_KEYS` (less
+  `COMPUTE_KEYS`) that differ from its `config.json`. A workdir without a checkpoint (a
+  first run that failed) takes any config; `write_workdir_config` then replaces its
+  `config.json`."""
   bound = checkpoint_lib.bound_config(workdir)
   if bound is None:
     return
-  saved = configs.with_defaults(bound)
+  saved = _resume_view(configs.with_defaults(bound))
+  given = _resume_view(json.loads(configs.to_json(config)))   # tuples as lists, as saved
   path = os.path.join(workdir, configs.SAVED_CONFIG)
-  for section in ("model",):
-    # Compared as JSON (tuples come back as lists).
-    given = json.loads(configs.to_json(config[section]))
-    if saved.get(section) != given:
-      raise configs.ConfigError(
-          f"workdir {workdir} holds a run of another model "
-          f"({configs.describe_differences(saved.get(section), given, section)} in {path}); "
-          f"use a new --workdir, or the saved config.{section} to resume it")
+  if saved["model"] != given["model"]:
+    raise configs.ConfigError(
+        f"workdir {workdir} holds a run of another model "
+        f"({configs.describe_differences(saved['model'], given['model'], 'model')} in "
+        f"{path}); use a new --workdir, or the saved config.model to resume it")
+  if saved != given:
+    raise configs.ConfigError(
+        f"workdir {workdir} was trained on other data, batches or patches "
+        f"({configs.describe_differences(saved, given)} in {path}): its later steps would "
+        f"not read the batches an uninterrupted run reads; resume with the saved values, or "
+        f"go on from its params in a new --workdir with "
+        f"--config.train.init_params_from={workdir}")
 
 
 def write_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:

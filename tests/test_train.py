@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -238,6 +239,28 @@ def test_workdir_of_another_model_is_refused(tiny_corpus, tmp_path):
   with pytest.raises(configs.ConfigError, match=r"another model \(model\.entropy\.d_model: "
                      r"32 \(saved\) vs 64 \(given\) in "):
     train_on_one_device(other, workdir)
+
+
+def test_a_resume_keeps_the_data_batches_and_patches_of_its_first_run(tiny_corpus, tmp_path):
+  """The batch of step s is a function of the seed, the data and the batch shape: a resume
+  that changes them would not continue the run, so it is refused, naming the keys; how a
+  step computes (remat, compute dtype, kernels) may change."""
+  workdir = str(tmp_path / "run")
+  first = dict(train__steps=1, train__eval_every=0, train__eval_batches=1)
+  train_on_one_device(tiny_entropy_config(tiny_corpus, **first), workdir)
+  for change, shown in [(dict(seed=7), "seed: 0 (saved) vs 7 (given)"),
+                        (dict(train__batch_size=16), "train.batch_size: 8 (saved) vs 16"),
+                        (dict(data__valid_fraction=0.5), "data.valid_fraction: 0.02 (saved)"),
+                        (dict(patcher__mode="static"), "patcher.mode: ")]:
+    again = tiny_entropy_config(tiny_corpus, **dict(first, train__steps=2, **change))
+    with pytest.raises(configs.ConfigError, match=re.escape(shown) + ".*init_params_from="):
+      train_on_one_device(again, workdir)
+  assert checkpoint.saved_steps(workdir) == [1]
+  assert checkpoint.read_config(workdir).seed == 0
+  faster = tiny_entropy_config(tiny_corpus, **dict(first, train__steps=2, model__remat=True,
+                                                   model__dtype="bfloat16"))
+  train_on_one_device(faster, workdir)
+  assert checkpoint.saved_steps(workdir) == [1, 2]
 
 
 def test_a_workdir_without_checkpoints_takes_a_new_config(tiny_corpus, tmp_path):
