@@ -34,7 +34,9 @@ Every entry is checked (method, option, config key, value type; a training run's
 as `train` checks it: ranges, model shapes, optimizer) before any run starts.
 A run's id comes from its settings; finished runs are appended to `results.jsonl` and
 skipped when the sweep runs again, so a stopped sweep resumes (a stopped training run
-from its last checkpoint). Outputs in the sweep workdir: `results.jsonl`, `results.md`,
+from its last checkpoint). A training run that spends its `train.time_budget_s` is
+recorded at the step it reached (a comparison at equal time), one whose loss or params
+turn NaN/Inf as diverged; both are finished runs, and the sweep goes on. Outputs in the sweep workdir: `results.jsonl`, `results.md`,
 and PNG plots (decoding: `quality_vs_traffic.png`, `quality_vs_speed.png`; training:
 `valid_bpb.png`; they need matplotlib: `pip install bltjax[plots]`).
 """
@@ -68,6 +70,8 @@ REFERENCE = "reference.json"
 DECODING_PLOTS = ("quality_vs_traffic.png", "quality_vs_speed.png")
 TRAINING_PLOTS = ("valid_bpb.png",)
 RUN_KEYS = ("method", "batch_size", "seed")   # decoding runs, besides the DecodeConfig options
+# Why a training run ended before train.steps (its record's `stopped`).
+OUT_OF_TIME, DIVERGED = "time budget", "diverged"
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
@@ -558,6 +562,7 @@ def _last_train_metrics(run_dir: str) -> dict:
 
 def _run_training(sw: Sweep, workdir: str, pending: list[Run], finished: dict, *, devices,
                   progress: bool) -> list[str]:
+  from bltjax import checkpoint  # pylint: disable=g-import-not-at-top
   from bltjax import train  # pylint: disable=g-import-not-at-top
   base = _training_base(sw.config)
   executed = []
@@ -567,9 +572,17 @@ def _run_training(sw: Sweep, workdir: str, pending: list[Run], finished: dict, *
     config = training_run_config(base, run.settings)
     run_dir = os.path.join(workdir, run.id)
     start = time.perf_counter()
-    valid = train.train(config, run_dir, progress=False, devices=devices) or {}
+    try:
+      valid, stopped = train.train(config, run_dir, progress=False, devices=devices) or {}, None
+    except train.NonFiniteLossError as e:   # one diverging setting (a large lr) is a result
+      valid, stopped = {}, DIVERGED
+      if _is_main():
+        bar.write(f"run {run.id}: {e}; recorded as {DIVERGED}, the sweep goes on")
+    steps = max(checkpoint.saved_steps(run_dir), default=0)
+    if stopped is None and steps < config.train.steps:
+      stopped = OUT_OF_TIME
     last = _last_train_metrics(run_dir)
-    _finish(workdir, run, finished, start, workdir=run_dir, steps=int(config.train.steps),
+    _finish(workdir, run, finished, start, workdir=run_dir, steps=steps, stopped=stopped,
             valid_bpb=valid.get("bpb"), train_loss=last.get("train/loss"),
             train_bpb=last.get("train/bpb"), bytes_per_s=last.get("train/bytes_per_s"))
     executed.append(run.id)
@@ -633,7 +646,8 @@ def training_table(rows: Sequence[dict]) -> str:
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   for r in rows:
     cells = [str(r["settings"].get(k, "")) for k in keys]
-    cells += [str(r["steps"]), _num(r.get("valid_bpb"), ".4f"), _num(r.get("train_loss"), ".4f"),
+    steps = str(r["steps"]) + (f" ({r['stopped']})" if r.get("stopped") else "")
+    cells += [steps, _num(r.get("valid_bpb"), ".4f"), _num(r.get("train_loss"), ".4f"),
               _num(r.get("bytes_per_s"), ".0f"), _num(r["seconds"] / 60, ".1f")]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

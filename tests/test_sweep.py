@@ -269,6 +269,47 @@ def test_training_sweep_records_runs_and_skips_them_on_restart(trained):
   assert again.executed == [] and again.skipped == [record["id"]]
 
 
+ENDINGS_SWEEP = """
+from bltjax import sweep
+
+def get_config(arg=None):
+  return sweep.training_config(
+      experiment={experiment!r},
+      overrides=("data.train={corpus}", "data.prefetch=0", "train.steps=40",
+                 "train.save_every=1", "train.eval_every=0", "train.eval_batches=1",
+                 "optim.warmup_steps=0", "optim.schedule=constant"))
+
+def get_sweep(config):
+  return sweep.chain(
+      sweep.product(sweep.fixed("optim.lr", 1e30), sweep.fixed("train.steps", 3)),
+      sweep.product(sweep.fixed("optim.lr", 1e-3), sweep.fixed("train.time_budget_s", 1e-9)),
+      sweep.product(sweep.fixed("optim.lr", 1e-3), sweep.fixed("train.steps", 2)))
+"""
+
+
+def test_a_diverged_or_out_of_time_run_is_recorded_and_the_sweep_goes_on(tiny_corpus,
+                                                                         tmp_path):
+  """A learning rate that diverges is a sweep result, not the end of the sweep; a run
+  stopped by its time budget is recorded at the step it reached, not at train.steps."""
+  spec = write_file(tmp_path / "endings.py", ENDINGS_SWEEP.format(
+      experiment=os.path.join(REPO, "experiments", "entropy_tiny.py:runlocal"),
+      corpus=tiny_corpus))
+  report = sweep.run_sweep(spec, str(tmp_path / "out"), devices=jax.devices()[:1],
+                           progress=False)
+  diverged, timed, full = report.rows
+  assert len(report.executed) == 3
+  assert diverged["stopped"] == sweep.DIVERGED and diverged["valid_bpb"] is None
+  assert diverged["steps"] < 3
+  assert timed["stopped"] == sweep.OUT_OF_TIME and 1 <= timed["steps"] < 40
+  assert timed["valid_bpb"] > 0
+  assert full["stopped"] is None and full["steps"] == 2 and full["valid_bpb"] > 0
+  with open(os.path.join(report.workdir, sweep.TABLE)) as f:
+    table = f.read()
+  assert f"| {timed['steps']} (time budget) |" in table and " (diverged) |" in table
+  again = sweep.run_sweep(spec, report.workdir, progress=False)
+  assert again.executed == [] and len(again.skipped) == 3
+
+
 def test_decoding_sweep_writes_table_and_plots_and_resumes(shared_model, tmp_path, count_runs,
                                                            capsys):
   spec = write_file(tmp_path / "dec.py", DECODING_SWEEP.format(model=shared_model.workdir,
