@@ -116,6 +116,7 @@ def cmd_sweep(args, overrides):
   if args.dry_run or distributed.is_main():
     print(sweep.describe(sw, finished))
   if args.dry_run:
+    sweep.check_training_runs(sw, [r for r in sw.runs if r.id not in finished])
     return
   report = sweep.run_sweep(sw, args.workdir)
   if distributed.is_main():

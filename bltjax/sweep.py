@@ -31,7 +31,8 @@ config.experiment (an experiment file[:arg]) and config.overrides, then the entr
 dotted keys (`optim.lr`, `model.diffusion.block_size`), into `<sweep workdir>/<run id>`.
 
 Every entry is checked (method, option, config key, value type; a training run's config
-as `train` checks it: ranges, model shapes, optimizer) before any run starts.
+as `train` checks it: ranges, model shapes, optimizer, and its mesh, batch split and
+data paths) before any run starts.
 A run's id comes from its settings; finished runs are appended to `results.jsonl` and
 skipped when the sweep runs again, so a stopped sweep resumes (a stopped training run
 from its last checkpoint). A training run that spends its `train.time_budget_s` is
@@ -560,6 +561,24 @@ def _last_train_metrics(run_dir: str) -> dict:
   return out
 
 
+def check_training_runs(sw: Sweep, runs: Sequence[Run], devices=None) -> None:
+  """What `load_sweep` cannot check without devices and data, for each training run:
+  its mesh and shardings over `devices` (default: all), and its data (`train.check_run`).
+
+  Raises:
+    SweepError: naming the run and the problem, before any run trains.
+  """
+  if sw.kind != "training":
+    return
+  from bltjax import train  # pylint: disable=g-import-not-at-top
+  base = _training_base(sw.config)
+  for run in runs:
+    try:
+      train.check_run(training_run_config(base, run.settings), devices)
+    except ValueError as e:   # ConfigError, ShardingError, DataError
+      raise SweepError(f"run {run.id}: {e}") from None
+
+
 def _run_training(sw: Sweep, workdir: str, pending: list[Run], finished: dict, *, devices,
                   progress: bool) -> list[str]:
   from bltjax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -608,6 +627,7 @@ def run_sweep(spec: str | Sweep, workdir: str, *, overrides: Sequence[str] = (),
   if pending and sw.kind == "decoding" and model is None and not os.path.isdir(sw.config.model):
     raise SweepError(f"config.model {sw.config.model!r} does not exist; train it first (the "
                      "default is what `make demo` trains) or pass --config.model=DIR")
+  check_training_runs(sw, pending, devices)
   if _is_main():
     os.makedirs(workdir, exist_ok=True)
   _check_workdir(workdir, sw.config)

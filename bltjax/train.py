@@ -222,6 +222,34 @@ def write_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
     os.replace(path + ".tmp", path)
 
 
+def mesh_and_param_shardings(config: ml_collections.ConfigDict, objective, devices=None):
+  """The run's mesh over `devices` (default: all) and its params' shardings.
+
+  Raises:
+    ShardingError: a mesh the devices cannot form, a batch (or microbatch) that does not
+      split over its batch shards and processes, a param dimension that does not divide
+      its mesh axes.
+  """
+  tcfg = config.train
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.check_batch(tcfg.batch_size, mesh, tcfg.grad_accum_steps)
+  with sharding.use_mesh(mesh):
+    boxed = jax.eval_shape(objective.init, jax.random.PRNGKey(config.seed),
+                           abstract_batch(tcfg.batch_size, tcfg.seq_len))
+  return mesh, sharding.param_shardings(boxed, mesh)
+
+
+def check_run(config: ml_collections.ConfigDict, devices=None) -> None:
+  """`check_config`, and what needs the devices and the data: the mesh and the shardings
+  (`mesh_and_param_shardings`) and the data, each split opened (paths that match files,
+  readable formats, validation documents). What a training sweep checks of each run
+  before the first trains; nothing is compiled or written."""
+  check_config(config)
+  mesh_and_param_shardings(config, objectives.make_objective(config), devices)
+  for split in ("train", "valid"):
+    data_lib.split_sources(config.data, split)
+
+
 class Trainer:
   """Everything one training run needs, built from a config (no hidden state)."""
 
@@ -234,21 +262,16 @@ class Trainer:
     self.workdir = workdir
     tcfg = config.train
     check_train_config(tcfg, ("steps", "batch_size", "grad_accum_steps", "seq_len"))
-    # --- Mesh -------------------------------------------------------------------------
-    self.mesh = sharding.make_mesh(config.mesh, devices)
-    sharding.check_batch(tcfg.batch_size, self.mesh, tcfg.grad_accum_steps)
-    # --- Model & optimizer ------------------------------------------------------------
+    # --- Mesh, model and the shardings of its params (by logical-axis rules) -----------
     self.objective = objectives.make_objective(config)
+    self.mesh, self.param_shardings = mesh_and_param_shardings(config, self.objective, devices)
     self.eval_objective = (objectives.scoring_objective(self.objective, tcfg.seq_len)
                            if score_every_byte else self.objective)
     self.optimizer, self.schedule = make_optimizer(config.optim, tcfg.steps)
     self.frozen = self.objective.frozen_params(self.mesh)
-    # --- Shardings of the train state (params by logical-axis rules) ------------------
+    # --- Shardings of the train state -------------------------------------------------
     batch_shapes = abstract_batch(tcfg.batch_size, tcfg.seq_len)
     rng = jax.random.PRNGKey(config.seed)
-    with sharding.use_mesh(self.mesh):
-      boxed = jax.eval_shape(self.objective.init, rng, batch_shapes)
-    self.param_shardings = sharding.param_shardings(boxed, self.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = sharding.replicated(self.mesh)
     init = self._init_fn(batch_shapes)

@@ -8,6 +8,7 @@ each decoding program once.
 
 import json
 import os
+import re
 
 import jax
 import pytest
@@ -235,21 +236,51 @@ def get_sweep(config):
   assert not os.path.exists(tmp_path / "out")
 
 
-def test_a_sweep_with_no_finished_run_takes_a_corrected_config(tmp_path):
-  # The first sweep's run fails (no such data): its workdir holds no result, so the
-  # corrected sweep config is taken (here it fails later, on its own data path) and
-  # replaces the saved one; the stale AR references of the old config are dropped.
+def test_a_sweep_with_no_finished_run_takes_a_corrected_config(tiny_corpus, tmp_path):
+  # The first sweep's run fails when it starts (no params to start from, which the checks
+  # before the first run do not read): its workdir holds no result, so the corrected sweep
+  # config is taken (here it fails the same way, on its own path) and replaces the saved
+  # one; the stale AR references of the old config are dropped.
   experiment = os.path.join(REPO, "experiments", "entropy_tiny.py:runlocal")
   workdir = str(tmp_path / "out")
   for i in (1, 2):
     spec = write_file(tmp_path / f"sweep_{i}.py", TRAINING_SWEEP.format(
-        experiment=experiment, corpus=str(tmp_path / f"no_data_{i}")))
-    with pytest.raises(ValueError, match=f"no_data_{i}"):
+        experiment=experiment, corpus=tiny_corpus).replace(
+            '"data.prefetch=0"', f'"data.prefetch=0", "train.init_params_from={tmp_path}/no_{i}"'))
+    with pytest.raises(ValueError, match=f"no_{i}"):
       sweep.run_sweep(spec, workdir, devices=jax.devices()[:1], progress=False)
     with open(os.path.join(workdir, sweep.SWEEP_CONFIG)) as f:
-      assert f"no_data_{i}" in json.load(f)["overrides"][0]
+      assert f"no_{i}" in json.load(f)["overrides"][2]
     assert not os.path.exists(os.path.join(workdir, sweep.REFERENCE))
     write_file(tmp_path / "out" / sweep.REFERENCE, "{}")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"train.batch_size": 6}, r"train\.batch_size=6 does not divide over 8 batch shards"),
+    ({"data.train": "/no/such/corpus"}, r"data path '/no/such/corpus' matches no files"),
+    ({"model.entropy.ffn_dim": 100, "mesh.tensor": 8, "mesh.data": 1},
+     r"dimension of 100 that does not divide mesh axes"),
+])
+def test_a_run_its_devices_or_data_cannot_train_fails_before_any_run(
+    tiny_corpus, tmp_path, capsys, entry, message):
+  """Checked with the devices and the data before the first run, and by --dry_run."""
+  spec = write_file(tmp_path / "bad_run.py", """
+from bltjax import sweep
+
+def get_config(arg=None):
+  return sweep.training_config(experiment={experiment!r}, overrides=("data.train={corpus}",))
+
+def get_sweep(config):
+  return [{{"train.batch_size": 8}}, {entry!r}]
+""".format(experiment=os.path.join(REPO, "experiments", "entropy_tiny.py:runlocal"),
+           corpus=tiny_corpus, entry=entry))
+  assert len(jax.devices()) == 8
+  with pytest.raises(sweep.SweepError, match=r"^run .*" + message):
+    sweep.run_sweep(spec, str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")
+  assert cli.main(["sweep", "--config", spec, "--workdir", str(tmp_path / "out"),
+                   "--dry_run"]) == 2
+  assert re.search(message, capsys.readouterr().err)
 
 
 def test_training_sweep_records_runs_and_skips_them_on_restart(trained):
