@@ -387,6 +387,33 @@ def test_text_directories_globs_and_lists(tmp_path):
   assert documents(as_text) == [b'{"text": "four"}\n']
 
 
+def test_a_file_is_read_once_however_it_is_named_and_linked_directories_do_not_loop(
+    tmp_path, monkeypatch):
+  (tmp_path / "c").mkdir()
+  (tmp_path / "c" / "a.txt").write_bytes(b"a")
+  os.symlink(".", tmp_path / "c" / "self")
+  os.symlink("..", tmp_path / "c" / "parent")   # the parent holds c again
+  os.symlink(tmp_path / "c", tmp_path / "c_link")
+  monkeypatch.chdir(tmp_path)
+  assert sources.expand_paths("c") == ["c/a.txt"]
+  assert sources.expand_paths(f"c, ./c, {tmp_path}/c/a.txt, c_link/a.txt") == ["c/a.txt"]
+
+
+def test_a_file_in_two_sources_or_in_train_and_valid_is_refused(tmp_path):
+  """Documents named twice would be trained on twice, or validated on after training."""
+  corpus_dir = write_text_corpus(tmp_path / "c", [b"a", b"b", b"c"])
+  one = os.path.join(corpus_dir, os.listdir(corpus_dir)[0])
+  config = data_config(train=f"{corpus_dir}; {one}", train_weights="1,1")
+  with pytest.raises(data.DataError, match=r"is in source 0 of data.train and in source 1"):
+    data.split_sources(config, "train")
+  config = data_config(train=corpus_dir, valid=one)
+  with pytest.raises(data.DataError, match=r"is in source 0 of data.train and in data.valid"):
+    data.split_sources(config, "valid")
+  config = data_config(train=corpus_dir, valid=f"{one}; {one}")
+  with pytest.raises(data.DataError, match=r"holds a ';': validation data is one source"):
+    data.split_sources(config, "valid")
+
+
 def test_large_text_files_are_read_by_range(tmp_path):
   path = tmp_path / "big.txt"
   content = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()

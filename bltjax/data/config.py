@@ -17,7 +17,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   # A mixture's weights, comma-separated, one per source of data.train ("0.7,0.3"): each
   # global batch takes round(batch_size * weight / sum) rows from each source.
   config.train_weights = ""
-  # Validation data, same syntax. "" = the default corpus' validation split when
+  # Validation data: files, directories and globs as data.train, one source (no ";"
+  # mixture). "" = the default corpus' validation split when
   # data.train is "", else a held-out valid_fraction of data.train's documents (which
   # training then skips).
   config.valid = ""
@@ -44,6 +45,11 @@ def check_data_config(config) -> None:
     raise DataError(f"config.data.valid_fraction={config.valid_fraction} must be in [0, 1)")
   if config.prefetch < 0 or config.read_threads < 0:
     raise DataError("config.data.prefetch and config.data.read_threads must be >= 0")
+  if ";" in config.valid:
+    raise DataError(
+        f"config.data.valid={config.valid!r} holds a ';': validation data is one source "
+        "(comma-separated files, directories and globs); a data.train mixture with an empty "
+        "data.valid holds out validation documents of each of its sources")
   mixture_weights(config)
 
 

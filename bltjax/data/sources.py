@@ -305,9 +305,17 @@ class Subset(DocumentSource):
 
 
 def _files_under(directory: str) -> list[str]:
-  files = []
+  """Every file under `directory`, sorted; hidden names skipped. Links to directories are
+  followed, each real directory once (a link to `.` or a parent does not loop)."""
+  files, seen = [], {os.path.realpath(directory)}
   for root, dirs, names in os.walk(directory, followlinks=True):
-    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    kept = []
+    for d in sorted(dirs):   # sorted: which name of a linked directory is walked is fixed
+      real = os.path.realpath(os.path.join(root, d))
+      if not d.startswith(".") and real not in seen:
+        seen.add(real)
+        kept.append(d)
+    dirs[:] = kept
     files.extend(os.path.join(root, n) for n in names if not n.startswith("."))
   return sorted(files)
 
@@ -331,7 +339,10 @@ def expand_paths(spec: str) -> list[str]:
       raise DataError(f"data path {item!r} matches no files; check the path or glob "
                       "(data.train and data.valid take a comma-separated list)")
     files.extend(matches)
-  return list(dict.fromkeys(files))  # The first occurrence of each file, in order.
+  first = {}   # The first spelling of each file (by its real path), in order.
+  for path in files:
+    first.setdefault(os.path.realpath(path), path)
+  return list(first.values())
 
 
 def file_format(path: str, format: str = "auto") -> str:  # pylint: disable=redefined-builtin

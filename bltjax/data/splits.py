@@ -12,12 +12,14 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from bltjax.data import corpus
 from bltjax.data.config import check_data_config, train_specs
 from bltjax.data.sources import (Concatenated, DataError, DocumentSource, Subset, TextFiles,
-                                 open_source)
+                                 expand_paths, open_source)
 
 SPLITS = ("train", "valid")
 
@@ -43,6 +45,25 @@ def held_out_mask(num_docs: int, valid_fraction: float) -> np.ndarray:
   return mask
 
 
+def check_disjoint(data_cfg) -> None:
+  """Raises DataError when a file is named by two sources of a data.train mixture, or by
+  data.train and data.valid: its documents would be trained on twice, or validated on
+  after training on them."""
+  named = [(f"source {i} of data.train", spec) for i, spec in enumerate(train_specs(data_cfg))]
+  if named and data_cfg.valid:
+    named.append(("data.valid", data_cfg.valid))
+  if len(named) < 2:
+    return
+  owner = {}
+  for name, spec in named:
+    for path in expand_paths(spec):
+      first = owner.setdefault(os.path.realpath(path), name)
+      if first != name:
+        raise DataError(
+            f"{path} is in {first} and in {name}; name each file in one of them (narrow a "
+            "glob or directory, or move the file)")
+
+
 def split_sources(data_cfg, split: str) -> list[DocumentSource]:
   """The documents of `split` ("train" or "valid") under the rules above, one source per
   ";"-separated source of a `data.train` mixture (each holds out its own fraction: the
@@ -54,6 +75,7 @@ def split_sources(data_cfg, split: str) -> list[DocumentSource]:
   if split not in SPLITS:
     raise DataError(f"split must be one of {list(SPLITS)}, got {split!r}")
   check_data_config(data_cfg)
+  check_disjoint(data_cfg)
   read = lambda spec: open_source(spec, format=data_cfg.format,
                                   text_field=data_cfg.text_field)
   if split == "valid" and data_cfg.valid:
