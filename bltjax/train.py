@@ -385,9 +385,10 @@ class Trainer:
   def evaluate(self, params, max_batches: int | None = None, *,
                data_cfg: ml_collections.ConfigDict | None = None) -> dict[str, float]:
     """Bits per byte of the validation split (all of it, or `max_batches` batches); for
-    a `data.train` mixture validated on its held-out documents, also each source's
-    (`source_<i>/bpb`, `max_batches` each). `bytes`: the target bytes scored;
-    `dropped_bytes`: those left out (a BLT's patch budget, unless `score_every_byte`).
+    a `data.train` mixture validated on its held-out documents, each source's
+    (`source_<i>/bpb`, `max_batches` each) and overall the bytes of them all. `bytes`:
+    the target bytes scored; `dropped_bytes`: those left out (a BLT's patch budget,
+    unless `score_every_byte`).
 
     `data_cfg` replaces `config.data` (e.g. `valid` set to another file).
     """
@@ -406,12 +407,13 @@ class Trainer:
       return total
 
     bpb = lambda sums: sums["nats"] / max(sums["bytes"], 1.0) / losses.LN2
-    parts = data_lib.split_sources(data_cfg, "valid")   # opened once, for every pass
-    sums = eval_sums(data_lib.as_one_source(parts))
+    # A mixture validated on each source's held-out documents: one pass per source, so
+    # `max_batches` reads every source (of the sources one after another, it read the first).
+    per_source = [eval_sums(part) for part in data_lib.split_sources(data_cfg, "valid")]
+    sums = {k: sum(part[k] for part in per_source) for k in per_source[0]}
     metrics = {"bpb": bpb(sums), "bytes": sums["bytes"], "dropped_bytes": sums["dropped"]}
-    if len(parts) > 1:   # a mixture validated on each source's held-out documents
-      for i, part in enumerate(parts):
-        metrics[f"source_{i}/bpb"] = bpb(eval_sums(part))
+    if len(per_source) > 1:
+      metrics.update({f"source_{i}/bpb": bpb(part) for i, part in enumerate(per_source)})
     return metrics
 
 

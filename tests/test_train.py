@@ -403,6 +403,9 @@ def test_a_data_mixture_trains_and_validates_each_source(tiny_corpus, tmp_path, 
   assert max(_losses(str(tmp_path / "mixture"))) == 1
   assert {"bpb", "source_0/bpb", "source_1/bpb"} <= set(result)
   assert result["source_0/bpb"] != result["source_1/bpb"]
+  # Overall: the bytes of every source (with eval_batches, not the first source's alone).
+  by_source = sorted((result["source_0/bpb"], result["source_1/bpb"]))
+  assert by_source[0] < result["bpb"] < by_source[1]
 
 
 def test_profile_steps_write_a_trace_of_those_steps(tiny_corpus, tmp_path, capsys):
