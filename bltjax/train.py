@@ -600,7 +600,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
           break
       if start_step >= tcfg.steps:
         writer.print(f"workdir already holds step {start_step} >= train.steps={tcfg.steps}; "
-                     "raise --config.train.steps to train further")
+                     "raise --config.train.steps to train further (optim.schedule=wsd "
+                     "or constant go on smoothly; a cosine decay is re-planned over the new "
+                     "steps, so its learning rate rises again)")
         eval_metrics = trainer.evaluate(state.params, tcfg.eval_batches or None)
         # Shown, not recorded: the run's metrics already hold its last evaluation.
         writer.write(start_step, eval_metrics, prefix="valid", record=False)

@@ -16,7 +16,8 @@
 # Options (anywhere on the line, `--opt=value` or `--opt value`):
 #   --devices_per_process=D  CPU devices per process (JAX_NUM_CPU_DEVICES; default 4)
 #   --port=P                 coordinator port on 127.0.0.1 (default: a free port)
-#   --log_dir=DIR            logs process_<i>.log (default: <workdir>/logs, else ./logs)
+#   --log_dir=DIR            logs process_<i>.log (default: <workdir>/logs, else ./logs;
+#                            the previous launch's are kept as process_<i>.log.prev)
 #   --timeout=S              stop every process after S seconds (default 0: no limit)
 #   --grace=S                on SIGTERM (a scheduler's preemption notice), the launcher
 #                            passes it on and gives the processes S seconds to save a
@@ -126,7 +127,10 @@ trap 'stop_all "$GRACE"; exit 143' TERM
 echo "$NAME: $N processes x $DEVICES CPU devices, coordinator 127.0.0.1:$PORT, logs in $LOG_DIR"
 for ((i = 0; i < N; i++)); do
   process_command "$i"
-  "${CMD[@]}" >"$LOG_DIR/process_$i.log" 2>&1 &
+  # The last launch's log (a crash to read) is kept beside the new one.
+  LOG="$LOG_DIR/process_$i.log"
+  [[ ! -f "$LOG" ]] || mv -f "$LOG" "$LOG.prev"
+  "${CMD[@]}" >"$LOG" 2>&1 &
   PIDS+=("$!")
 done
 if tail --pid="$$" --version >/dev/null 2>&1; then  # GNU tail: follow process 0's log.

@@ -133,6 +133,13 @@ def test_multiprocess_stops_everything_when_one_process_fails(tmp_path):
   assert time.time() - start < 30  # processes 0 and 2 were stopped, not waited for
   assert "process 1 failed (exit 3)" in proc.stderr and "process 1 broke" in proc.stderr
   assert sorted(os.listdir(tmp_path / "logs")) == [f"process_{i}.log" for i in range(3)]
+  # A second launch keeps the logs of the first (the crash) as process_<i>.log.prev.
+  proc = run("multiprocess.sh", "3", f"--log_dir={tmp_path}/logs", "--config", "x.py",
+             env={"PYTHON": python})
+  assert proc.returncode == 3
+  assert (tmp_path / "logs" / "process_1.log.prev").read_text() == "process 1 broke\n"
+  assert sorted(os.listdir(tmp_path / "logs")) == sorted(
+      f"process_{i}.log{end}" for i in range(3) for end in ("", ".prev"))
 
 
 def test_multiprocess_timeout(tmp_path):
