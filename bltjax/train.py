@@ -491,7 +491,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
   dataset = data_lib.train_dataset(
       config.data, seq_len=tcfg.seq_len, global_batch=tcfg.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  data_lib.split_sources(config.data, "valid")   # DataError when it holds no document
+  # DataError when a split holds no document; the sizes are printed below.
+  split_sizes = {split: [(len(part), int(part.lengths.sum()))
+                         for part in data_lib.split_sources(config.data, split)]
+                 for split in ("train", "valid")}
   initial_params = None
   if tcfg.init_params_from and not start_step:
     initial_params = _load_initial_params(tcfg.init_params_from, trainer.abstract_state.params)
@@ -525,6 +528,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
       f"{trainer.mesh.size} devices ({jax.devices()[0].device_kind}), mesh "
       f"{dict(trainer.mesh.shape)}, {n_params / 1e6:.2f}M params, workdir {workdir}, "
       + (f"resuming at step {start_step}" if start_step else "starting at step 0"))
+  writer.print("data: " + ", ".join(
+      f"{sum(n for n, _ in parts):,} {split} documents ({sum(b for _, b in parts) / 1e6:.2f} MB)"
+      for split, parts in split_sizes.items()))
   if mixture := data_lib.mixture_rows(config.data, tcfg.batch_size):
     writer.print(f"data mixture: {' + '.join(map(str, mixture))} rows of each "
                  f"{tcfg.batch_size}-row batch from the sources of data.train")

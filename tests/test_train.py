@@ -399,7 +399,9 @@ def test_a_data_mixture_trains_and_validates_each_source(tiny_corpus, tmp_path, 
                                data__valid_fraction=0.5, train__batch_size=8,
                                train__steps=1, train__eval_batches=1)
   result = train_on_one_device(config, str(tmp_path / "mixture"))
-  assert "data mixture: 6 + 2 rows of each 8-row batch" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "data mixture: 6 + 2 rows of each 8-row batch" in out
+  assert re.search(r"data: 2 train documents \(0\.\d\d MB\), 2 valid documents", out)
   assert max(_losses(str(tmp_path / "mixture"))) == 1
   assert {"bpb", "source_0/bpb", "source_1/bpb"} <= set(result)
   assert result["source_0/bpb"] != result["source_1/bpb"]
