@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from typing import Sequence
@@ -206,17 +207,23 @@ def _arg_bytes(texts: Sequence[str] | None) -> list[bytes]:
 
 
 def _read_prompts(args) -> list[bytes]:
-  """--prompt texts, then the non-blank lines of --prompts, as bytes (any encoding)."""
+  """--prompt texts, then the lines of each --prompts file that hold more than white space,
+  as bytes (any encoding; a UTF-8 byte-order mark at a file's start is not a prompt's)."""
   prompts = _arg_bytes(args.prompt)
-  if args.prompts:
-    if os.path.isdir(args.prompts):
-      raise ValueError(f"--prompts {args.prompts} is a directory; pass a text file with one "
+  for path in args.prompts or []:
+    if os.path.isdir(path):
+      raise ValueError(f"--prompts {path} is a directory; pass a text file with one prompt "
+                       "per line")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"--prompts {path} does not exist; pass a text file with one "
+                              "prompt per line")
+    with open(path, "rb") as f:
+      content = f.read().removeprefix(b"\xef\xbb\xbf")
+    lines = [line for line in content.splitlines() if line.strip()]
+    if not lines:
+      raise ValueError(f"--prompts {path} holds no prompt (every line is blank); write one "
                        "prompt per line")
-    if not os.path.isfile(args.prompts):
-      raise FileNotFoundError(f"--prompts {args.prompts} does not exist; pass a text file with "
-                              "one prompt per line")
-    with open(args.prompts, "rb") as f:
-      prompts += [line for line in f.read().splitlines() if line.strip()]
+    prompts += lines
   if not prompts:
     raise ValueError("no prompts; pass --prompt TEXT (repeatable) or --prompts FILE")
   return prompts
@@ -266,7 +273,9 @@ def cmd_generate(args, overrides):
     for i, (prompt, text) in enumerate(zip(prompts, out.texts)):
       print(f"--- {method} [{i}] {_shown(prompt)} +")
       print(text)
-    rows.append((method, out, out.num_bytes / seconds, prefill_seconds, compile_seconds))
+    # The loop less a prefill timed apart: a loop of a byte or two can read <= 0 (noise).
+    speed = out.num_bytes / seconds if seconds > 0 else float("nan")
+    rows.append((method, out, speed, prefill_seconds, compile_seconds))
   timing = (f"mean of {args.repeats} run(s) after a warm-up run" if args.repeats
             else "the first run, compile excluded")
   print(f"=== cost per method (bytes/s: the generation loop, the prompts' prefill timed "
@@ -281,9 +290,10 @@ def cmd_generate(args, overrides):
     if baseline is not None and method != "ar":
       change = out.traffic.reduction_vs(baseline)
       saved = f", {100 * abs(change):.0f}% {'below' if change >= 0 else 'above'} ar"
+    speed = f"{speed:.1f}" if math.isfinite(speed) else "- (too short to time)"
     print(f"{method:<7s} {out.num_bytes} bytes | NFE/byte {nfe} | traffic/byte "
           f"{fmt(per_byte['total'])} [{fmt(per_byte['total_with_kv'])}], paper "
-          f"{fmt(per_byte['paper'])}{saved} | {speed:.1f} bytes/s (prefill "
+          f"{fmt(per_byte['paper'])}{saved} | {speed} bytes/s (prefill "
           f"{1e3 * prefill_seconds:.0f} ms; compile {compile_seconds:.1f} s, not timed)")
 
 
@@ -324,7 +334,8 @@ def _add_decode_options(group) -> None:
   from bltjax.generate.diffusion import BLOCK_COMMITS  # pylint: disable=g-import-not-at-top
   default = {f.name: f.default for f in dataclasses.fields(generate.DecodeConfig)}
   group.add_argument("--block_size", type=int, default=None,
-                     help=f"BLT-D / BLT-H block size B (default {default['block_size']})")
+                     help="BLT-D / BLT-H block size B (default: the block size a BLT-D was "
+                     f"trained with, else {default['block_size']})")
   group.add_argument("--alpha", type=float, default=None,
                      help="BLT-D / BLT-H confidence rule: a decoder step reveals the masked "
                      "bytes of probability >= alpha, and always the likeliest one; 0 reveals "
@@ -441,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--method", action="append", choices=METHODS,
                  help="decoding method (repeatable: one cost line each; default ar)")
   p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-  p.add_argument("--prompts", default=None,
-                 help="text file, one prompt per line (blank lines skipped)")
+  p.add_argument("--prompts", action="append", default=None,
+                 help="text file, one prompt per line (blank lines skipped; repeatable)")
   p.add_argument("--max_bytes", type=int, default=128,
                  help="bytes to generate per prompt (default 128)")
   _add_decode_options(p)

@@ -184,20 +184,22 @@ def label(method: str, options: dict) -> str:
   return " ".join(parts)
 
 
-def sampling_key(options: dict, seed: int = 0) -> tuple:
-  """What AR's output depends on besides the items: (temperature, top_p, seed)."""
+def sampling_key(options: dict, seed: int = 0, batch_size: int = 1) -> tuple:
+  """What AR's output depends on besides the items: (temperature, top_p, seed,
+  batch_size); sampled draws are keyed by row and position, so the batch layout counts
+  (greedy output depends on none of them)."""
   temperature = float(options.get("temperature") or 0.0)
   if not temperature:
-    return (0.0, 1.0, 0)
-  return (temperature, float(options.get("top_p", 1.0)), int(seed))
+    return (0.0, 1.0, 0, 1)
+  return (temperature, float(options.get("top_p", 1.0)), int(seed), int(batch_size))
 
 
 def reference_outputs(model, items: ContinuationSet, key: tuple) -> list[bytes]:
   """AR's outputs with the sampling of `key` (see `sampling_key`): the reference that
   agreement is measured against."""
-  temperature, top_p, seed = key
+  temperature, top_p, seed, batch_size = key
   options = dict(temperature=temperature, top_p=top_p) if temperature else {}
-  return run(model, items, method="ar", batch_size=1, warmup=False, seed=seed,
+  return run(model, items, method="ar", batch_size=batch_size, warmup=False, seed=seed,
              **options).outputs
 
 
@@ -254,7 +256,7 @@ def run_methods(model, items: ContinuationSet, methods: Sequence[tuple[str, dict
   results: list[ContinuationResult | None] = [None] * len(methods)
   for i in order:
     method, options = methods[i]
-    key = sampling_key(options, seed)
+    key = sampling_key(options, seed, batch_size)
     if key not in references and method != "ar":
       references[key] = reference_outputs(model, items, key)
     sampled = {"seed": seed} if key[0] else {}

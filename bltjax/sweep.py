@@ -487,7 +487,8 @@ def _model_sampling(settings: dict) -> tuple[str, dict, int, tuple]:
   method = settings["method"]
   options = {k: v for k, v in settings.items() if k not in RUN_KEYS}
   seed = settings.get("seed", 0)
-  return method, options, seed, continuation.sampling_key(options, seed)
+  return method, options, seed, continuation.sampling_key(options, seed,
+                                                         settings.get("batch_size", 1))
 
 
 def _references(workdir: str, step: int) -> dict[str, list[bytes]]:

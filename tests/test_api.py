@@ -189,6 +189,8 @@ def test_entropy_workdir_loads_for_scoring_and_patching(entropy_dir):
 
 
 def test_clear_errors(model, workdir, tmp_path):
+  # A plain BLT (no diffusion loss) has no trained block size: blt_d takes DecodeConfig's.
+  assert model.trained_block_size is None and model.decode_config("blt_d").block_size == 8
   with pytest.raises(ValueError, match="prompts is empty"):
     model.generate([])
   with pytest.raises(ValueError, match="wrap it in a list"):
@@ -207,6 +209,14 @@ def test_clear_errors(model, workdir, tmp_path):
     model.generate(["x"], method="blt_d", block_commit="sometimes")
   with pytest.raises(ValueError, match="ids must lie in"):
     model.logits(np.full((1, 4), 999))
+  with pytest.raises(ValueError, match=r"seed=4294967296 must be an integer in \[0, 4294967296\)"):
+    model.generate(["x"], seed=2**32, temperature=1.0)
+  with pytest.raises(ValueError, match=r"seed=1\.5 must be an integer"):
+    model.generate(["x"], seed=1.5, temperature=1.0)
+  with pytest.raises(ValueError, match=r"max_bytes=2\.7 must be an integer >= 1"):
+    model.generate(["x"], max_bytes=2.7)
+  with pytest.raises(ValueError, match=r"prompts\[1\] holds '\\udcff', which is not UTF-8"):
+    model.generate(["x", "\udcff"])
   empty = tmp_path / "untrained"
   empty.mkdir()
   shutil.copy(os.path.join(workdir, "config.json"), empty / "config.json")
@@ -292,6 +302,16 @@ def test_generate_command(model, entropy_dir, tmp_path, capsys, monkeypatch):
   assert model.compiles == before
   assert cli.main(["generate", "--workdir", entropy_dir, "--prompts", str(tmp_path)]) == 2
   assert f"--prompts {tmp_path} is a directory; pass a text file" in capsys.readouterr().err
+  # --prompts repeats; a byte-order mark is not a prompt's; a file of blank lines is named.
+  other = tmp_path / "other.txt"
+  other.write_bytes(b"\xef\xbb\xbfclass A:\n")
+  assert cli.main(["generate", "--workdir", entropy_dir, "--prompts", str(prompts),
+                   "--prompts", str(other), "--method", "blt_s", "--draft_len", "4",
+                   "--max_bytes", "20", "--repeats", "0"]) == 0
+  assert calls[-1][0] == [b"\xfe\xff y", b"def greet(name):", b"class A:"]
+  other.write_text("\n  \n")
+  assert cli.main(["generate", "--workdir", entropy_dir, "--prompts", str(other)]) == 2
+  assert f"--prompts {other} holds no prompt (every line is blank)" in capsys.readouterr().err
   # --step and --max_len reach bltjax.load; a row longer than max_len names the flag.
   loads = []
   monkeypatch.setattr(model, "max_len", 16)

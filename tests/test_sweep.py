@@ -411,6 +411,23 @@ def test_eval_continuation_tasks(shared_model, capsys):
       assert row[key] is not None
 
 
+def test_blt_d_decodes_with_the_block_size_it_was_trained_with(model):
+  assert model.config.model.diffusion.block_size == 4 and model.trained_block_size == 4
+  assert model.decode_config("blt_d").block_size == 4
+  assert model.decode_config("blt_h").block_size == 4
+  assert model.decode_config("blt_d", block_size=8).block_size == 8   # another B, if asked
+
+
+def test_sampled_agreement_is_against_ar_in_the_same_batch_layout(model):
+  """Sampled draws are keyed by row and position: BLT-S at batch 4 equals AR at batch 4
+  (agreement 1), not AR decoded a prompt at a time."""
+  items = continuation.ContinuationSet(
+      prompts=[b"def ", b"import os\n", b"class A:\n", b"x = 1\n"], references=[b"a" * 12] * 4)
+  (blt_s,) = continuation.run_methods(model, items, [("blt_s", dict(temperature=1.0))],
+                                      batch_size=4, seed=3)
+  assert blt_s.agreement == 1.0
+
+
 def test_continuation_items_come_from_data(model, tiny_corpus):
   path = os.path.join(tiny_corpus, "heapq.py")
   report = continuation.evaluate_workdir(
