@@ -263,6 +263,8 @@ class Model:
                           continuations: Sequence[str | bytes]) -> list[float]:
     """Bits per byte of each continuation given its prompt (BOS + prompt + continuation;
     only the continuation's bytes are scored). Empty continuations give NaN."""
+    prompts = _check_texts(prompts, "prompts")
+    continuations = _check_texts(continuations, "continuations")
     if len(prompts) != len(continuations):
       raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
     prompts = [blt_bytes.as_bytes(p) for p in prompts]
@@ -343,8 +345,13 @@ class Model:
     if method in ("blt_d", "blt_h") and options.get("block_size") is None \
         and self.trained_block_size:
       options["block_size"] = self.trained_block_size
-    return generate_lib.DecodeConfig(method=method, max_bytes=_check_integer(
+    config = generate_lib.DecodeConfig(method=method, max_bytes=_check_integer(
         "max_bytes", max_bytes, 1), **options)
+    for name in ("block_size", "draft_len", "prefill_chunk"):   # each sizes a buffer
+      if getattr(config, name) > self.max_len:
+        raise ValueError(f"{name}={getattr(config, name)} is more than the max_len="
+                         f"{self.max_len} positions a row holds; lower it")
+    return config
 
   @property
   def trained_block_size(self) -> int | None:

@@ -213,6 +213,10 @@ def test_clear_errors(model, workdir, tmp_path):
     model.generate(["x"], seed=2**32, temperature=1.0)
   with pytest.raises(ValueError, match=r"seed=1\.5 must be an integer"):
     model.generate(["x"], seed=1.5, temperature=1.0)
+  with pytest.raises(ValueError, match="block_size=1000000 is more than the max_len=8192"):
+    model.generate(["x"], method="blt_d", block_size=10**6)
+  with pytest.raises(ValueError, match="continuations must be a list of strings"):
+    model.score_continuations(["ab"], "cd")
   with pytest.raises(ValueError, match=r"max_bytes=2\.7 must be an integer >= 1"):
     model.generate(["x"], max_bytes=2.7)
   with pytest.raises(ValueError, match=r"prompts\[1\] holds '\\udcff', which is not UTF-8"):
