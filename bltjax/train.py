@@ -246,6 +246,7 @@ def check_run(config: ml_collections.ConfigDict, devices=None) -> None:
   before the first trains; nothing is compiled or written."""
   check_config(config)
   mesh_and_param_shardings(config, objectives.make_objective(config), devices)
+  data_lib.check_disjoint(config.data)
   for split in ("train", "valid"):
     data_lib.split_sources(config.data, split)
 
@@ -491,7 +492,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
   dataset = data_lib.train_dataset(
       config.data, seq_len=tcfg.seq_len, global_batch=tcfg.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  # DataError when a split holds no document; the sizes are printed below.
+  # DataError when a file is in two sources or a split holds no document; the sizes are
+  # printed below.
+  data_lib.check_disjoint(config.data)
   split_sizes = {split: [(len(part), int(part.lengths.sum()))
                          for part in data_lib.split_sources(config.data, split)]
                  for split in ("train", "valid")}

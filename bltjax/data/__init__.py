@@ -12,11 +12,11 @@ from bltjax.data.pipeline import (EvalBatches, eval_batches, mixture_rows, train
                                   train_iterator)
 from bltjax.data.sources import (
     DataError, DocumentSource, InMemoryDocuments, open_source, write_arrayrecord)
-from bltjax.data.splits import as_one_source, split_source, split_sources
+from bltjax.data.splits import as_one_source, check_disjoint, split_source, split_sources
 
 __all__ = [
     "BATCH_KEYS", "DataError", "DocumentSource", "EvalBatches", "InMemoryDocuments", "PackedRows",
-    "as_one_source", "check_data_config", "default_corpus_files", "default_data_config",
-    "eval_batches", "mixture_rows", "open_source", "split_source", "split_sources", "train_dataset",
-    "train_iterator", "write_arrayrecord",
+    "as_one_source", "check_data_config", "check_disjoint", "default_corpus_files",
+    "default_data_config", "eval_batches", "mixture_rows", "open_source", "split_source",
+    "split_sources", "train_dataset", "train_iterator", "write_arrayrecord",
 ]
