@@ -206,9 +206,9 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
     raise configs.ConfigError(
         f"workdir {workdir} was trained on other data, batches or patches "
         f"({configs.describe_differences(saved, given)} in {path}): its later steps would "
-        f"not read the batches an uninterrupted run reads; resume with the saved values, or "
-        f"go on from its params in a new --workdir with "
-        f"--config.train.init_params_from={workdir}")
+        f"not read the batches an uninterrupted run reads; resume with the saved values (if "
+        f"the same data only moved, write its new path into {path}), or go on from its "
+        f"params in a new --workdir with --config.train.init_params_from={workdir}")
 
 
 def write_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
