@@ -140,9 +140,10 @@ def check_batch(global_batch: int, mesh: Mesh, microbatches: int = 1) -> None:
     sizes = " x ".join(str(mesh.shape[a]) for a in MESH_AXES)
     processes = len({d.process_index for d in mesh.devices.flat})
     raise ShardingError(
-        f"config.mesh (data x fsdp x tensor = {sizes}) puts batch shard {shard} on the devices of processes {sorted(procs)}, but each "
-        f"process loads rows of its own: make mesh.data x mesh.fsdp a multiple of the "
-        f"{processes} processes (mesh.tensor at most the devices of one process)")
+        f"config.mesh (data x fsdp x tensor = {sizes}) puts batch shard {shard} on the "
+        f"devices of processes {sorted(procs)}, but each process loads rows of its own: "
+        f"make mesh.data x mesh.fsdp a multiple of the {processes} processes (mesh.tensor "
+        "at most the devices of one process)")
   if global_batch % shards:
     raise ShardingError(
         f"train.batch_size={global_batch} does not divide over {shards} batch shards "

@@ -37,9 +37,10 @@ A run's id comes from its settings; finished runs are appended to `results.jsonl
 skipped when the sweep runs again, so a stopped sweep resumes (a stopped training run
 from its last checkpoint). A training run that spends its `train.time_budget_s` is
 recorded at the step it reached (a comparison at equal time), one whose loss or params
-turn NaN/Inf as diverged; both are finished runs, and the sweep goes on. Outputs in the sweep workdir: `results.jsonl`, `results.md`,
-and PNG plots (decoding: `quality_vs_traffic.png`, `quality_vs_speed.png`; training:
-`valid_bpb.png`; they need matplotlib: `pip install bltjax[plots]`).
+turn NaN/Inf as diverged; both are finished runs, and the sweep goes on. Outputs in the
+sweep workdir: `results.jsonl`, `results.md`, and PNG plots (decoding:
+`quality_vs_traffic.png`, `quality_vs_speed.png`; training: `valid_bpb.png`; they need
+matplotlib: `pip install bltjax[plots]`).
 """
 
 from __future__ import annotations

@@ -489,12 +489,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | N
   check_workdir_config(workdir, config)
   start_step = checkpoint_lib.resume_step(workdir)
   trainer = Trainer(config, workdir, devices)
+  data_lib.check_disjoint(config.data)   # DataError: a file in two sources or splits
   dataset = data_lib.train_dataset(
       config.data, seq_len=tcfg.seq_len, global_batch=tcfg.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  # DataError when a file is in two sources or a split holds no document; the sizes are
-  # printed below.
-  data_lib.check_disjoint(config.data)
+  # DataError when a split holds no document; the sizes are printed below.
   split_sizes = {split: [(len(part), int(part.lengths.sum()))
                          for part in data_lib.split_sources(config.data, split)]
                  for split in ("train", "valid")}
