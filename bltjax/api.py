@@ -348,7 +348,7 @@ class Model:
     config = generate_lib.DecodeConfig(method=method, max_bytes=_check_integer(
         "max_bytes", max_bytes, 1), **options)
     for name in ("block_size", "draft_len", "prefill_chunk"):   # each sizes a buffer
-      if getattr(config, name) > self.max_len:
+      if name in options and getattr(config, name) > self.max_len:
         raise ValueError(f"{name}={getattr(config, name)} is more than the max_len="
                          f"{self.max_len} positions a row holds; lower it")
     return config
