@@ -416,6 +416,15 @@ def test_a_file_in_two_sources_or_in_train_and_valid_is_refused_for_training(tmp
     data.split_sources(config, "valid")
 
 
+def test_an_empty_file_holds_no_documents_in_every_format(tmp_path):
+  for name in ("empty.jsonl", "empty.arrayrecord"):
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(data.DataError, match="holds no documents"):
+      data.open_source(str(tmp_path / name))
+  (tmp_path / "text.txt").write_bytes(b"text")
+  assert len(data.open_source(str(tmp_path))) == 1
+
+
 def test_large_text_files_are_read_by_range(tmp_path):
   path = tmp_path / "big.txt"
   content = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()

@@ -205,8 +205,10 @@ def _open_arrayrecord_reader(path: str):
 
 @functools.lru_cache(maxsize=64)
 def _arrayrecord_lengths(path: str, size: int, mtime_ns: int) -> np.ndarray:
-  """Byte length of every record (one read pass, in chunks)."""
-  del size, mtime_ns
+  """Byte length of every record (one read pass, in chunks); an empty file has none."""
+  del mtime_ns
+  if not size:   # the ArrayRecord reader refuses it ("should be at least 64KB big")
+    return np.zeros(0, np.int64)
   reader = _open_arrayrecord_reader(path)
   count = reader.num_records()
   lengths = np.zeros(count, np.int64)
