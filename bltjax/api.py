@@ -362,6 +362,25 @@ class Model:
       return int(diffusion.block_size)
     return None
 
+  def prompt_rows(self, prompts: Sequence[str | bytes], max_bytes: int) -> list[np.ndarray]:
+    """The rows `BOS + prompt` that `generate` decodes, each `[len + 1]` int32.
+
+    Raises:
+      ValueError: not a list of texts, or a row of it plus `max_bytes` longer than
+        `max_len` (naming the prompt and the fix).
+    """
+    rows = [blt_bytes.encode(p, add_bos=True, add_eos=False)
+            for p in _check_texts(prompts, "prompts")]
+    longest = max(len(r) for r in rows)
+    need = longest + max_bytes
+    if need > self.max_len:
+      i = max(range(len(rows)), key=lambda j: len(rows[j]))
+      raise ValueError(
+          f"prompt {i} has {longest - 1} byte(s); with max_bytes={max_bytes} a row needs "
+          f"{need} positions > max_len={self.max_len}; shorten it, lower max_bytes or "
+          f"{_raise_max_len(need)}")
+    return rows
+
   def generate(self, prompts: Sequence[str | bytes], max_bytes: int = 256, method: str = "ar",
                seed: int = 0, time_prefill: bool = False, **options) -> GenerateOutput:
     """Continues each prompt by up to `max_bytes` bytes (a row stops at EOS).
@@ -385,18 +404,10 @@ class Model:
     """
     start = time.perf_counter()
     self._require_blt("generation")
-    prompts = _check_texts(prompts, "prompts")
     seed = _check_integer("seed", seed, 0, 2**32)   # PRNGKey keeps 32 bits
     config = self.decode_config(method, max_bytes, **options)
-    rows = [blt_bytes.encode(p, add_bos=True, add_eos=False) for p in prompts]
+    rows = self.prompt_rows(prompts, config.max_bytes)
     longest = max(len(r) for r in rows)
-    need = longest + config.max_bytes
-    if need > self.max_len:
-      i = max(range(len(rows)), key=lambda j: len(rows[j]))
-      raise ValueError(
-          f"prompt {i} has {longest - 1} byte(s); with max_bytes={config.max_bytes} a row needs "
-          f"{need} positions > max_len={self.max_len}; shorten it, lower max_bytes or "
-          f"{_raise_max_len(need)}")
     width = _bucket(longest)
     ids = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):

@@ -254,8 +254,9 @@ def cmd_generate(args, overrides):
   methods = list(dict.fromkeys(args.method or ["ar"]))
   continuation.check_options(methods, options)
   model = bltjax.load(args.workdir, step=args.step, max_len=args.max_len)
-  for method in methods:  # every option checked before any compile
+  for method in methods:  # every option and row length checked before any output
     model.decode_config(method, args.max_bytes, **options)
+  model.prompt_rows(prompts, args.max_bytes)
   sampling = ("greedy" if not options.get("temperature")
               else f"temperature {options['temperature']}, top_p {options.get('top_p', 1.0)}, "
                    f"seed {args.seed}")

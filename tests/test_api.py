@@ -323,8 +323,9 @@ def test_generate_command(model, entropy_dir, tmp_path, capsys, monkeypatch):
   assert cli.main(["generate", "--workdir", entropy_dir, "--prompt", "x", "--max_bytes", "20",
                    "--step", "2", "--max_len", "16"]) == 2
   assert loads == [dict(step=2, max_len=16)]
-  err = capsys.readouterr().err
+  out, err = capsys.readouterr()
   assert "needs 22 positions > max_len=16;" in err and "--max_len 22 on the command line" in err
+  assert out == ""   # refused before anything is printed
   assert cli.main(["generate", "--workdir", entropy_dir]) == 2
   assert "no prompts; pass --prompt TEXT" in capsys.readouterr().err
   assert cli.main(["generate", "--workdir", entropy_dir, "--prompt", "x", "--method", "blt_s",
