@@ -156,18 +156,19 @@ def options_for(method: str, options: dict) -> dict:
   return out
 
 
-def check_options(methods: Sequence[str], options: dict) -> None:
+def check_options(methods: Sequence[str], options: dict, seed: int | None = None) -> None:
   """Raises ValueError (naming the fix) on decoding options a user asked for that would
   not act as asked on `methods`: alpha and gamma together (each picks BLT-D's unmasking
-  rule), top_p without a temperature (greedy decoding ignores it), or an option that
-  none of `methods` reads. Sweeps set options for grids of methods and use
+  rule), top_p or a `seed` without a temperature (greedy decoding ignores them), or an
+  option that none of `methods` reads. Sweeps set options for grids of methods and use
   `options_for` instead, which drops what a method does not read."""
   from bltjax import generate as generate_lib  # pylint: disable=g-import-not-at-top
   given = {k: v for k, v in options.items() if v is not None}
   generate_lib.check_unmask_rule(given.get("alpha"), given.get("gamma"))
-  if "top_p" in given and not given.get("temperature"):
-    raise ValueError(f"top_p {given['top_p']} applies to sampling, and without a temperature "
-                     "decoding is greedy; pass a temperature > 0 too, or leave top_p out")
+  for name, value in (("top_p", given.get("top_p")), ("seed", seed)):
+    if value is not None and not given.get("temperature"):
+      raise ValueError(f"{name} {value} applies to sampling, and without a temperature "
+                       f"decoding is greedy; pass a temperature > 0 too, or leave {name} out")
   for name in given:
     readers = [m for m in METHOD_OPTIONS if name in METHOD_OPTIONS[m]]
     if name not in SHARED_OPTIONS and readers and not set(readers) & set(methods):

@@ -235,6 +235,12 @@ def test_options_a_user_asks_for_that_would_not_act_are_refused(methods, options
     continuation.check_options(methods, options)
 
 
+def test_a_seed_without_a_temperature_is_refused():
+  with pytest.raises(ValueError, match=re.escape("seed 3 applies to sampling")):
+    continuation.check_options(["ar"], {}, seed=3)
+  continuation.check_options(["ar"], dict(temperature=0.7), seed=3)
+
+
 def test_options_read_by_one_of_the_methods_asked_for_are_accepted():
   continuation.check_options(["ar", "blt_d"], dict(block_size=4, alpha=0.5))
   continuation.check_options(["blt_s"], dict(draft_len=4, temperature=0.8, top_p=0.9))

@@ -472,6 +472,7 @@ def test_eval_checks_continuation_options_before_the_bits_per_byte_eval(
        "for (ar); leave it out, or add one of those methods"),
       (["--methods", "ar,blt_d", "--alpha", "0.5", "--gamma", "1"], "both given"),
       (["--top_p", "0.9"], "top_p 0.9 applies to sampling"),
+      (["--seed", "3"], "seed 3 applies to sampling"),
       (["--methods", "blt_d", "--alpha", "-0.5"], "alpha=-0.5: need alpha >= 0"),
       (["--temperature", "-1"], "need temperature >= 0"),
       (["--prompt_bytes", "16", "--max_len", "20"],
@@ -484,3 +485,5 @@ def test_eval_checks_continuation_options_before_the_bits_per_byte_eval(
     assert message in err and len(err.strip().splitlines()) == 1, err
   assert cli.main(["eval", "--workdir", shared_model.workdir, *data[:2], "--max_len", "99"]) == 2
   assert "--max_len is an option of continuation tasks" in capsys.readouterr().err
+  assert cli.main(["eval", "--workdir", shared_model.workdir, *data[:2], "--seed", "1"]) == 2
+  assert "--seed is an option of continuation tasks" in capsys.readouterr().err
