@@ -65,15 +65,6 @@ def _check_texts(texts, what: str = "texts") -> list:
   return texts
 
 
-def _check_integer(name: str, value, least: int, below: int | None = None) -> int:
-  """`value` as an int when it is an integer in [least, below); else ValueError."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least or (
-      below is not None and value >= below):
-    bounds = f"in [{least}, {below})" if below is not None else f">= {least}"
-    raise ValueError(f"{name}={value!r} must be an integer {bounds}")
-  return int(value)
-
-
 @dataclasses.dataclass(frozen=True)
 class GenerateOutput:
   """What `Model.generate` returns (one entry per prompt where a list)."""
@@ -345,7 +336,7 @@ class Model:
     if method in ("blt_d", "blt_h") and options.get("block_size") is None \
         and self.trained_block_size:
       options["block_size"] = self.trained_block_size
-    config = generate_lib.DecodeConfig(method=method, max_bytes=_check_integer(
+    config = generate_lib.DecodeConfig(method=method, max_bytes=configs.check_integer(
         "max_bytes", max_bytes, 1), **options)
     for name in ("block_size", "draft_len", "prefill_chunk"):   # each sizes a buffer
       if name in options and getattr(config, name) > self.max_len:
@@ -404,7 +395,7 @@ class Model:
     """
     start = time.perf_counter()
     self._require_blt("generation")
-    seed = _check_integer("seed", seed, 0, 2**32)   # PRNGKey keeps 32 bits
+    seed = configs.check_integer("seed", seed, 0, 2**32)   # PRNGKey keeps 32 bits
     config = self.decode_config(method, max_bytes, **options)
     rows = self.prompt_rows(prompts, config.max_bytes)
     longest = max(len(r) for r in rows)

@@ -15,6 +15,7 @@ import os
 from typing import Any, Sequence
 
 import ml_collections
+import numpy as np
 
 
 class ConfigError(ValueError):
@@ -186,6 +187,16 @@ def with_defaults(saved: dict) -> dict:
         out[key] = merge(default, out[key])
     return out
   return merge(json.loads(to_json(base_config())), saved)
+
+
+def check_integer(name: str, value, least: int, below: int | None = None) -> int:
+  """`value` as an int when it is an integer (not a bool) in [least, below); else a
+  ValueError naming `name` and the range."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least or (
+      below is not None and value >= below):
+    bounds = f"in [{least}, {below})" if below is not None else f">= {least}"
+    raise ValueError(f"{name}={value!r} must be an integer {bounds}")
+  return int(value)
 
 
 def check_fields(section: ml_collections.ConfigDict | dict, name: str, allowed: dict) -> None:

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from bltjax import bytes as blt_bytes
+from bltjax import configs
 from bltjax import data as data_lib
 
 
@@ -222,8 +223,7 @@ def check_request(methods: Sequence[tuple[str, dict]], *, prompts: int, prompt_b
   from bltjax import generate as generate_lib  # pylint: disable=g-import-not-at-top
   for name, value in (("prompts", prompts), ("prompt_bytes", prompt_bytes),
                       ("continuation_bytes", continuation_bytes), ("batch_size", batch_size)):
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    configs.check_integer(name, value, 1)
   if batch_size > prompts:
     raise ValueError(f"batch_size={batch_size} is more than prompts={prompts}; raise prompts "
                      "or lower batch_size")
