@@ -367,12 +367,12 @@ def file_format(path: str, format: str = "auto") -> str:  # pylint: disable=rede
 
 
 def open_source(spec: str, *, format: str = "auto",  # pylint: disable=redefined-builtin
-                text_field: str = "text") -> DocumentSource:
+                text_field: str = "text", require_documents: bool = True) -> DocumentSource:
   """Opens every file of a comma-separated path/dir/glob list as one source.
 
   Raises:
-    DataError: a path matches nothing, a file is unreadable or malformed, or the
-      files hold no documents.
+    DataError: a path matches nothing, a file is unreadable or malformed, or (with
+      `require_documents`) the files hold no documents.
   """
   if not spec.strip():
     raise DataError("empty data path; set data.train (or data.valid) to files, "
@@ -399,7 +399,7 @@ def open_source(spec: str, *, format: str = "auto",  # pylint: disable=redefined
   if text_run:
     sources.append(TextFiles(text_run))
   source = sources[0] if len(sources) == 1 else Concatenated(sources)
-  if len(source) == 0:
+  if require_documents and len(source) == 0:
     raise DataError(f"data {spec!r} holds no documents (empty JSONL/ArrayRecord files); "
                     "point data.train/data.valid at non-empty data")
   return source
