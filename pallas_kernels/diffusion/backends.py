@@ -7,6 +7,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from ..platform import resolve
 
+
 def pow2_at_least(n: int, lo: int = 16) -> int:
   """The smallest power of 2 >= max(n, lo) (Triton's block shapes)."""
   p = lo
